@@ -1,0 +1,30 @@
+"""Build the google-cloud-bigquery client a writer uses (no network until it is used)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .settings import AuditSettings
+
+#: Project used with an emulator when none is configured.
+LOCAL_PROJECT = "local"
+
+
+def make_client(settings: AuditSettings) -> Any:
+    """A `bigquery.Client`: the emulator's (anonymous) when one is configured, else ADC."""
+    from google.cloud import bigquery
+
+    endpoint = settings.emulator_endpoint
+    if endpoint:
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+
+        project = settings.project or os.environ.get("GOOGLE_CLOUD_PROJECT") or LOCAL_PROJECT
+        return bigquery.Client(
+            project=project,
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options=ClientOptions(api_endpoint=endpoint),
+            location=settings.location,
+        )
+    return bigquery.Client(project=settings.project, location=settings.location)

@@ -1,0 +1,316 @@
+"""LangChain callbacks -> run records. Nothing here is slow, touches the network or raises.
+
+Each start callback stores a `RunRecord` holding references to what LangChain passed; each
+end callback stamps the end time and hands the record to the shared writer (an O(1) queue
+append). Text, JSON and usage are built later, on the writer thread, by `rows.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from .records import RunRecord
+from .settings import AuditSettings
+from .writer import get_writer
+
+if TYPE_CHECKING:
+    from google.cloud.bigquery import Client
+    from langchain_core.messages import BaseMessage
+    from langchain_core.outputs import LLMResult
+
+logger = logging.getLogger(__name__)
+
+#: Runs waiting for their end; beyond this new runs are not tracked (and counted).
+MAX_PENDING_RUNS = 100_000
+
+
+class BigQueryAuditHandler(BaseCallbackHandler):
+    """Writes one BigQuery row per finished LLM, chat model, chain, tool and retriever run.
+
+    Example::
+
+        handler = BigQueryAuditHandler()
+        chain.invoke(x, config={"callbacks": [handler],
+                                "metadata": {"session_id": "s-1", "user_id": "u-7"}})
+        handler.flush(timeout=10)
+
+    All handlers of one process that write to the same table share one background writer.
+    """
+
+    run_inline = True  # called in the caller's thread or event loop: no executor hop
+    raise_error = False
+
+    def __init__(
+        self,
+        project: str | None = None,
+        dataset: str | None = None,
+        table: str | None = None,
+        location: str | None = None,
+        client: Client | None = None,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        settings: AuditSettings | None = None,
+        **options: Any,
+    ) -> None:
+        """Create a handler.
+
+        Args:
+            project, dataset, table, location: the destination; `None` takes the setting
+                (`BQ_AUDIT_*` environment variables, then defaults).
+            client: a ready `google.cloud.bigquery.Client` (any endpoint) to write with.
+            session_id, user_id: defaults for runs whose metadata names none.
+            settings: a complete `AuditSettings`; the other arguments override it.
+            **options: any other `AuditSettings` field, e.g. `batch_rows=100`.
+        """
+        overrides = dict(project=project, dataset=dataset, table=table, location=location)
+        overrides.update(options)
+        if settings is None:
+            settings = AuditSettings.from_env(**overrides)
+        else:
+            settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+        self.settings = settings
+        self._writer = get_writer(settings, client)
+        self._submit = self._writer.submit
+        self._runs: dict[UUID, RunRecord] = {}
+        self._session_id = session_id
+        self._user_id = user_id
+        self._lock = threading.Lock()
+        self._counts = {"callback_errors": 0, "untracked_runs": 0, "unmatched_ends": 0}
+
+    # -- public ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every row accepted so far is written. False on timeout or failure."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Flush and stop the shared writer for this table (it restarts if used again)."""
+        return self._writer.close(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this handler and of its table's writer."""
+        out = self._writer.stats()
+        out.update(self._counts)
+        out["pending_runs"] = len(self._runs)
+        return out
+
+    # -- run tracking (hot path) --------------------------------------------------------------
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def _start(
+        self,
+        run_type: str,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        runs = self._runs
+        if len(runs) >= MAX_PENDING_RUNS:
+            self._count("untracked_runs")
+            return
+        trace_id = run_id
+        if parent_run_id is not None:
+            parent = runs.get(parent_run_id)
+            trace_id = parent.trace_id if parent is not None else parent_run_id
+        # A shallow copy of a dict input guards against the caller mutating it before the
+        # writer thread reads it; it costs about 100 ns.
+        if type(inputs) is dict:
+            inputs = inputs.copy()
+        rec = RunRecord(
+            run_type,
+            run_id,
+            parent_run_id,
+            trace_id,
+            serialized,
+            inputs,
+            kwargs.get("name"),
+            tags,
+            metadata,
+            kwargs.get("invocation_params"),
+            time.time(),
+        )
+        rec.session_id = self._session_id
+        rec.user_id = self._user_id
+        runs[run_id] = rec
+
+    def _end(self, run_id: UUID, outputs: Any, error: BaseException | None, kwargs: Any) -> None:
+        rec = self._runs.pop(run_id, None)
+        if rec is None:
+            self._count("unmatched_ends")
+            return
+        rec.end_time = time.time()
+        rec.outputs = outputs.copy() if type(outputs) is dict else outputs
+        late_inputs = kwargs.get("inputs")
+        if late_inputs is not None:  # streamed chains only know their input at the end
+            rec.inputs = late_inputs
+        if error is not None:
+            rec.status = "error"
+            rec.error = error
+        self._submit(rec)
+
+    # -- LangChain callbacks ------------------------------------------------------------------
+    # Every callback catches everything: an audit log must never break the audited app.
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            self._start("llm", serialized, prompts, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            self._on_callback_error("on_llm_start")
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            self._start(
+                "chat_model", serialized, messages, run_id, parent_run_id, tags, metadata, kwargs
+            )
+        except Exception:
+            self._on_callback_error("on_chat_model_start")
+
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            rec = self._runs.get(run_id)
+            if rec is not None and rec.first_token_time is None:
+                rec.first_token_time = time.time()
+        except Exception:
+            self._on_callback_error("on_llm_new_token")
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, response, None, kwargs)
+        except Exception:
+            self._on_callback_error("on_llm_end")
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, kwargs.get("response"), error, kwargs)
+        except Exception:
+            self._on_callback_error("on_llm_error")
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any],
+        inputs: dict[str, Any],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            self._start("chain", serialized, inputs, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            self._on_callback_error("on_chain_start")
+
+    def on_chain_end(self, outputs: dict[str, Any], *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, outputs, None, kwargs)
+        except Exception:
+            self._on_callback_error("on_chain_end")
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, None, error, kwargs)
+        except Exception:
+            self._on_callback_error("on_chain_error")
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            value = inputs if inputs is not None else input_str
+            self._start("tool", serialized, value, run_id, parent_run_id, tags, metadata, kwargs)
+        except Exception:
+            self._on_callback_error("on_tool_start")
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, output, None, {})
+        except Exception:
+            self._on_callback_error("on_tool_end")
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, None, error, {})
+        except Exception:
+            self._on_callback_error("on_tool_error")
+
+    def on_retriever_start(
+        self,
+        serialized: dict[str, Any],
+        query: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            self._start(
+                "retriever", serialized, query, run_id, parent_run_id, tags, metadata, kwargs
+            )
+        except Exception:
+            self._on_callback_error("on_retriever_start")
+
+    def on_retriever_end(self, documents: Sequence[Any], *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, documents, None, {})
+        except Exception:
+            self._on_callback_error("on_retriever_end")
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            self._end(run_id, None, error, {})
+        except Exception:
+            self._on_callback_error("on_retriever_error")
+
+    def _on_callback_error(self, where: str) -> None:
+        try:
+            self._count("callback_errors")
+            logger.debug("langchain-bq-audit: error in %s", where, exc_info=True)
+        except Exception:  # pragma: no cover - logging itself failed; nothing else to do
+            pass

@@ -1,0 +1,69 @@
+"""The run record: what the handler hands to the writer, holding references only.
+
+Building text, JSON and usage out of these references is `rows.py`'s job, on the writer
+thread, so the callback path stays a few attribute stores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+
+class RunRecord:
+    """One run, filled in by start and end callbacks."""
+
+    __slots__ = (
+        "end_time",
+        "error",
+        "first_token_time",
+        "inputs",
+        "invocation_params",
+        "metadata",
+        "name",
+        "outputs",
+        "parent_run_id",
+        "run_id",
+        "run_type",
+        "serialized",
+        "session_id",
+        "start_time",
+        "status",
+        "tags",
+        "trace_id",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        run_type: str,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        trace_id: UUID,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        name: str | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        invocation_params: dict[str, Any] | None,
+        start_time: float,
+    ) -> None:
+        self.run_type = run_type
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.trace_id = trace_id
+        self.serialized = serialized
+        self.inputs = inputs
+        self.name = name
+        self.tags = tags
+        self.metadata = metadata
+        self.invocation_params = invocation_params
+        self.start_time = start_time
+        self.first_token_time: float | None = None
+        self.end_time: float | None = None
+        self.outputs: Any = None
+        self.error: BaseException | None = None
+        self.status = "ok"
+        # Handler-level defaults; metadata wins over them when rows are built.
+        self.session_id: str | None = None
+        self.user_id: str | None = None

@@ -1,0 +1,110 @@
+"""The audit table, spelled once: columns, modes, descriptions, partitioning, clustering.
+
+Everything else (row building, provisioning, the Pulumi component, docs) renders from here.
+This module imports nothing of ours and nothing of Google's at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_DATASET = "language_model_logging"
+DEFAULT_TABLE = "inference_logs"
+DEFAULT_LOCATION = "US"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the audit table."""
+
+    name: str
+    type: str  # BigQuery standard type name: STRING, INT64, TIMESTAMP, JSON, BOOL, FLOAT64
+    mode: str  # NULLABLE, REQUIRED or REPEATED
+    description: str
+    group: str
+
+
+def _c(name: str, type_: str, mode: str, group: str, description: str) -> Column:
+    return Column(name, type_, mode, description, group)
+
+
+_N, _R, _REP = "NULLABLE", "REQUIRED", "REPEATED"
+
+# Order matters only for readability; the seed's five columns come first and keep their
+# names and modes so a table made by the original Pulumi program migrates by adding columns.
+COLUMNS: tuple[Column, ...] = (
+    _c("timestamp", "TIMESTAMP", _R, "seed", "When the run ended (UTC). Partition column."),
+    _c("input_text", "STRING", _R, "seed", "The run's input as readable text."),
+    _c("output_text", "STRING", _R, "seed", "The run's output as readable text; empty on error."),
+    _c("user_id", "STRING", _N, "seed", "End user the run was made for."),
+    _c("session_id", "STRING", _N, "seed", "Conversation or session the run belongs to."),
+    _c("event_id", "STRING", _R, "identity", "Unique id of this row; the insertId used for dedup."),
+    _c("run_id", "STRING", _N, "identity", "LangChain run id."),
+    _c("parent_run_id", "STRING", _N, "identity", "Run id of the parent run, if any."),
+    _c("trace_id", "STRING", _N, "identity", "Run id of the root run of this trace."),
+    _c("run_type", "STRING", _N, "identity", "llm, chat_model, chain, tool or retriever."),
+    _c("name", "STRING", _N, "identity", "Name of the runnable, model class, tool or retriever."),
+    _c("status", "STRING", _N, "outcome", "ok, error, cancelled or abandoned."),
+    _c("error_type", "STRING", _N, "outcome", "Exception class name when status is error."),
+    _c("error_message", "STRING", _N, "outcome", "Exception message when status is error."),
+    _c("start_time", "TIMESTAMP", _N, "outcome", "When the run started (UTC)."),
+    _c("latency_ms", "FLOAT64", _N, "outcome", "Wall time from start to end, in milliseconds."),
+    _c("time_to_first_token_ms", "FLOAT64", _N, "outcome", "Start to first streamed token, ms."),
+    _c("model_name", "STRING", _N, "model", "Model name as reported by the provider or params."),
+    _c("provider", "STRING", _N, "model", "Model provider, e.g. openai, anthropic, google."),
+    _c("invocation_params", "JSON", _N, "model", "Model parameters, secrets removed."),
+    _c("input_messages", "JSON", _N, "content", "Chat input messages, whole, as JSON."),
+    _c("output_messages", "JSON", _N, "content", "Output messages (generations), as JSON."),
+    _c("tool_calls", "JSON", _N, "content", "Tool calls requested by the model: name, args, id."),
+    _c("is_truncated", "BOOL", _N, "content", "True when a field was cut to its size cap."),
+    _c("prompt_tokens", "INT64", _N, "usage", "Input tokens; NULL when unknown."),
+    _c("completion_tokens", "INT64", _N, "usage", "Output tokens; NULL when unknown."),
+    _c("total_tokens", "INT64", _N, "usage", "Total tokens; NULL when unknown."),
+    _c("token_usage_source", "STRING", _N, "usage", "provider, stream, estimated or missing."),
+    _c("tags", "STRING", _REP, "context", "LangChain tags of the run."),
+    _c("metadata", "JSON", _N, "context", "LangChain metadata of the run, secrets removed."),
+    _c("app_name", "STRING", _N, "context", "Application name from settings."),
+    _c("environment", "STRING", _N, "context", "Deployment environment from settings."),
+)
+
+COLUMN_NAMES: frozenset[str] = frozenset(c.name for c in COLUMNS)
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.mode == _R)
+JSON_COLUMNS: frozenset[str] = frozenset(c.name for c in COLUMNS if c.type == "JSON")
+
+PARTITION_FIELD = "timestamp"
+PARTITION_TYPE = "DAY"
+CLUSTERING_FIELDS: tuple[str, ...] = ("session_id", "user_id", "model_name", "run_type")
+TABLE_DESCRIPTION = "Audit log of LLM, chat model, chain, tool and retriever runs (one row per run)."
+DATASET_DESCRIPTION = "Dataset to store logs of large language model inferences"
+
+
+def to_api_json() -> list[dict[str, Any]]:
+    """The schema as BigQuery's JSON schema (what `bq mk --schema` and Pulumi take)."""
+    return [
+        {"name": c.name, "type": c.type, "mode": c.mode, "description": c.description}
+        for c in COLUMNS
+    ]
+
+
+def to_json(indent: int | None = 2) -> str:
+    """The schema as a JSON string."""
+    return json.dumps(to_api_json(), indent=indent)
+
+
+def to_markdown() -> str:
+    """The schema as a Markdown table for the docs."""
+    lines = ["| column | type | mode | description |", "|---|---|---|---|"]
+    lines += [f"| `{c.name}` | {c.type} | {c.mode} | {c.description} |" for c in COLUMNS]
+    return "\n".join(lines)
+
+
+def to_schema_fields() -> list[Any]:
+    """The schema as `google.cloud.bigquery.SchemaField`s (imports google.cloud lazily)."""
+    from google.cloud import bigquery
+
+    return [
+        bigquery.SchemaField(c.name, c.type, mode=c.mode, description=c.description)
+        for c in COLUMNS
+    ]

@@ -1,0 +1,122 @@
+"""One frozen settings object, built from arguments over `BQ_AUDIT_*` environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .schema import DEFAULT_DATASET, DEFAULT_LOCATION, DEFAULT_TABLE
+
+ENV_PREFIX = "BQ_AUDIT_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Every option of the audit log. Each field `x` can be set with `BQ_AUDIT_X`."""
+
+    project: str | None = None
+    """Google Cloud project; None means the client's default (env, ADC or the emulator)."""
+    dataset: str = DEFAULT_DATASET
+    table: str = DEFAULT_TABLE
+    location: str = DEFAULT_LOCATION
+    emulator_host: str | None = None
+    """Endpoint of a local BigQuery (e.g. 127.0.0.1:9050); also read from BIGQUERY_EMULATOR_HOST."""
+    auto_create: bool = True
+    """Create the dataset and table on the writer's first write if they are missing."""
+
+    batch_rows: int = 500
+    batch_bytes: int = 5_000_000
+    batch_age_s: float = 1.0
+    """A partial batch is sent at most this long after its rows were queued."""
+    max_queue_rows: int = 100_000
+    """Rows waiting in memory; beyond this new rows are counted as dropped."""
+    request_timeout_s: float = 10.0
+    """Timeout of each HTTP request to BigQuery."""
+    batch_deadline_s: float = 30.0
+    """Total time spent retrying one batch before it is given up."""
+    shutdown_timeout_s: float = 5.0
+    """How long the atexit drain may take."""
+
+    max_field_chars: int = 200_000
+    """Longest text kept in one column; longer text is cut and `is_truncated` set.
+    (insertAll escapes non-ASCII as up to 6 bytes a character and caps requests at 10 MB.)"""
+    app_name: str | None = None
+    environment: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError("shutdown_timeout_s must not be negative")
+        for name in ("dataset", "table"):
+            value = getattr(self, name)
+            if not value or not value.replace("_", "").isalnum():
+                raise ValueError(f"{name} must be letters, digits and underscores, got {value!r}")
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> AuditSettings:
+        """Settings from `BQ_AUDIT_*` variables, with `overrides` (not None) taking precedence."""
+        env = os.environ if env is None else env
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(overrides) - set(known)
+        if unknown:
+            raise TypeError(
+                f"unknown audit setting(s): {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = {}
+        for name, field in known.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = _parse(name, str(field.type), raw)
+        if "emulator_host" not in values and env.get("BIGQUERY_EMULATOR_HOST"):
+            values["emulator_host"] = env["BIGQUERY_EMULATOR_HOST"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> AuditSettings:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def destination(self) -> tuple[str | None, str, str, str | None]:
+        """What identifies one writer: project, dataset, table and endpoint."""
+        return (self.project, self.dataset, self.table, self.emulator_endpoint)
+
+    @property
+    def emulator_endpoint(self) -> str | None:
+        """`emulator_host` as a URL (`http://` added when missing)."""
+        host = self.emulator_host
+        if not host:
+            return None
+        return host if "://" in host else f"http://{host}"
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    try:
+        if type_name.startswith("bool"):
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{var}={raw!r} is not valid: {exc}") from None
+    return raw or None

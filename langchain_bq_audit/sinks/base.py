@@ -1,0 +1,30 @@
+"""The sink interface the writer uses, and the two kinds of failure it tells apart."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class RetryableError(Exception):
+    """The request may succeed if sent again: connection lost, timeout, 5xx, 429."""
+
+
+class PermanentError(Exception):
+    """Sending the same request again will fail the same way (4xx other than 429/404)."""
+
+
+class TableMissingError(Exception):
+    """The destination table (or dataset) does not exist."""
+
+
+class Sink(Protocol):
+    """Writes one batch. Rows rejected one by one are returned; whole-request failures raise."""
+
+    def write(self, rows: list[dict[str, Any]], ids: list[str]) -> dict[int, str]:
+        """Write `rows` with insert ids `ids`.
+
+        Returns `{index: error}` for rows the backend rejected as invalid (all other rows
+        were written). Raises `RetryableError`, `PermanentError` or `TableMissingError`
+        when the request as a whole failed (then no row was written).
+        """
+        ...

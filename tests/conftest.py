@@ -1,0 +1,77 @@
+"""Fixtures: one real local BigQuery per test session, a fresh table per test."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.emulator import LocalBigQuery
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBigQuery]:
+    bq = LocalBigQuery(tmp_path_factory.mktemp("local-bigquery"))
+    bq.start()
+    yield bq
+    bq.stop()
+
+
+@pytest.fixture(scope="session")
+def bq_client(emulator: LocalBigQuery) -> Any:
+    return emulator.client()
+
+
+@pytest.fixture
+def table_name(request: pytest.FixtureRequest) -> str:
+    """A table of this test's own, so tests cannot see each other's rows."""
+    stem = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    return f"t_{stem}_{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def make_handler(
+    bq_client: Any, table_name: str
+) -> Iterator[Callable[..., BigQueryAuditHandler]]:
+    """Handlers writing to this test's table on the session emulator."""
+    made: list[BigQueryAuditHandler] = []
+
+    def make(**options: Any) -> BigQueryAuditHandler:
+        options.setdefault("batch_age_s", 0.1)
+        handler = BigQueryAuditHandler(client=bq_client, table=table_name, **options)
+        made.append(handler)
+        return handler
+
+    yield make
+    for handler in made:
+        handler.close(timeout=10)
+
+
+def query(client: Any, sql: str, **params: Any) -> list[dict[str, Any]]:
+    """Run a query with named STRING/INT64 parameters and return plain dict rows."""
+    from google.cloud import bigquery
+
+    types = {str: "STRING", int: "INT64"}
+    config = bigquery.QueryJobConfig(
+        query_parameters=[
+            bigquery.ScalarQueryParameter(k, types[type(v)], v) for k, v in params.items()
+        ]
+    )
+    job = client.query(sql, job_config=config, job_retry=None, timeout=30)
+    return [dict(r) for r in job.result(timeout=60)]
+
+
+@pytest.fixture
+def read_rows(bq_client: Any, table_name: str) -> Callable[..., list[dict[str, Any]]]:
+    """All rows of this test's table (optionally filtered), oldest start first."""
+
+    def read(where: str = "TRUE", **params: Any) -> list[dict[str, Any]]:
+        table = f"{bq_client.project}.language_model_logging.{table_name}"
+        return query(bq_client, f"SELECT * FROM `{table}` WHERE {where} ORDER BY start_time",
+                     **params)
+
+    return read
