@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -29,19 +30,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
-    emulator = LocalBigQuery(args.data_dir, port=args.port, grpc_port=args.grpc_port,
-                             project=args.project or "local")
+    emulator = LocalBigQuery(
+        args.data_dir, port=args.port, grpc_port=args.grpc_port, project=args.project or "local"
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with emulator:
-        print(f"local BigQuery on {emulator.endpoint} (Storage Write API on "
-              f"{emulator.grpc_target}), data in {emulator.data_dir}")
+        print(
+            f"local BigQuery on {emulator.endpoint} (Storage Write API on "
+            f"{emulator.grpc_target}), data in {emulator.data_dir}"
+        )
         print(f"  export BIGQUERY_EMULATOR_HOST={emulator.host_port}")
         print("Ctrl-C stops it.", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 
@@ -60,19 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help_, description=help_, epilog=f"example:\n  {example}",
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    demo = add("demo", "Run a small audited app against the embedded BigQuery and show its rows.",
-               "bq-audit demo")
+    demo = add(
+        "demo",
+        "Run a small audited app against the embedded BigQuery and show its rows.",
+        "bq-audit demo",
+    )
     demo.add_argument("--data-dir", help="emulator data directory (default: user data dir)")
     demo.add_argument("--endpoint", help="use a running emulator at HOST:PORT instead")
     demo.add_argument("--project", help="project to use with --endpoint (default: local)")
     demo.set_defaults(func=_cmd_demo)
 
-    emu = add("emulator", "Run the embedded BigQuery on 127.0.0.1 until Ctrl-C.",
-              "bq-audit emulator --port 9050")
+    emu = add(
+        "emulator",
+        "Run the embedded BigQuery on 127.0.0.1 until Ctrl-C.",
+        "bq-audit emulator --port 9050",
+    )
     emu.add_argument("--data-dir", help="data directory (default: user data dir)")
     emu.add_argument("--port", type=int, help="REST port (default: a free one)")
     emu.add_argument("--grpc-port", type=int, help="Storage Write API port (default: free)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
 
 from .handler import BigQueryAuditHandler
 
@@ -58,7 +59,7 @@ def run_app(handler: BigQueryAuditHandler, tag: str) -> int:
     """Two users, three sessions: invoke, batch, stream and a failing call. Returns calls."""
     chain = build_chain()
 
-    def config(session: str, user: str) -> dict[str, Any]:
+    def config(session: str, user: str) -> RunnableConfig:
         return {
             "callbacks": [handler],
             "tags": [tag],
@@ -73,16 +74,17 @@ def run_app(handler: BigQueryAuditHandler, tag: str) -> int:
         [{"question": "What is an audit log?"}, {"question": "Who reads an audit log?"}],
         config=config("s-bob-1", "bob"),
     )
-    try:
-        build_chain(_Outage()).invoke({"question": "Are you there?"}, config=config("s-bob-1", "bob"))
-    except ConnectionError:
-        pass  # the app sees its own error; the audit log records it
+    # The app sees its own error; the audit log records it.
+    with contextlib.suppress(ConnectionError):
+        build_chain(_Outage()).invoke(
+            {"question": "Are you there?"}, config=config("s-bob-1", "bob")
+        )
     return 6
 
 
 QUERY = """
 SELECT timestamp, session_id, user_id, run_type, name, input_text, output_text,
-       total_tokens, latency_ms, status, error_message, run_id, parent_run_id, trace_id
+       total_tokens, latency_ms, status, error_type, error_message, run_id, parent_run_id, trace_id
 FROM `{table}`
 WHERE @tag IN UNNEST(tags)
 ORDER BY start_time
@@ -148,7 +150,9 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             f"{row['latency_ms']:.1f}",
             row["status"],
         )
-        lines.append("  ".join(_clip(c, w).ljust(w) for c, (_, w) in zip(cells, COLUMNS)))
+        lines.append(
+            "  ".join(_clip(c, w).ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True))
+        )
     return "\n".join(lines)
 
 
@@ -169,5 +173,9 @@ def run_demo(client: Any, out: TextIO, **handler_options: Any) -> int:
     tokens = sum(r["total_tokens"] or 0 for r in models)
     errors = sum(1 for r in rows if r["status"] == "error")
     out.write(f"\nmodel calls: {len(models)}, tokens: {tokens}, rows with errors: {errors}\n")
+    for kind, message in sorted(
+        {(r["error_type"], r["error_message"]) for r in rows if r["status"] == "error"}
+    ):
+        out.write(f"  error recorded: {kind}: {message}\n")
     handler.close(timeout=10)
     return 0 if rows else 1

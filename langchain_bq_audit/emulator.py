@@ -166,7 +166,10 @@ class LocalBigQuery:
             return self
         server = find_server()
         ensure_extensions(self.extension_home, _server_python(server))
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EmulatorError(f"cannot use {self.data_dir} as the data directory: {exc}") from exc
         cmd = [
             str(server), "serve",
             "--host", self.host,
@@ -176,10 +179,13 @@ class LocalBigQuery:
             "--project", self.project,
         ]  # fmt: skip
         env = {**os.environ, "HOME": str(self.extension_home)}
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+        try:
+            with open(self.log_path, "ab") as log:
+                self._proc = subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+        except OSError as exc:
+            raise EmulatorError(f"cannot start {server}: {exc}") from exc
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -193,13 +199,14 @@ class LocalBigQuery:
         while True:
             if self._proc is not None and self._proc.poll() is not None:
                 raise EmulatorError(
-                    f"local-bigquery exited with code {self._proc.returncode}: "
-                    f"{self._log_tail()}"
+                    f"local-bigquery exited with code {self._proc.returncode}: {self._log_tail()}"
                 )
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(url, timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    break
             if time.monotonic() > deadline:
                 raise EmulatorError(
                     f"local-bigquery did not answer on {self.endpoint} within {timeout:.0f} s; "

@@ -23,7 +23,7 @@ from .writer import get_writer
 if TYPE_CHECKING:
     from google.cloud.bigquery import Client
     from langchain_core.messages import BaseMessage
-    from langchain_core.outputs import LLMResult
+    from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             settings: a complete `AuditSettings`; the other arguments override it.
             **options: any other `AuditSettings` field, e.g. `batch_rows=100`.
         """
-        overrides = dict(project=project, dataset=dataset, table=table, location=location)
+        overrides: dict[str, Any] = dict(
+            project=project, dataset=dataset, table=table, location=location
+        )
         overrides.update(options)
         if settings is None:
             settings = AuditSettings.from_env(**overrides)
@@ -200,7 +202,16 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         except Exception:
             self._on_callback_error("on_chat_model_start")
 
-    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_new_token(
+        self,
+        token: str | list[str | dict[str, Any]],
+        *,
+        chunk: GenerationChunk | ChatGenerationChunk | None = None,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         try:
             rec = self._runs.get(run_id)
             if rec is not None and rec.first_token_time is None:

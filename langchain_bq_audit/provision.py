@@ -35,5 +35,4 @@ def ensure_table(client: Any, settings: AuditSettings, timeout: float = 30.0) ->
     dataset.location = settings.location
     dataset.description = schema.DATASET_DESCRIPTION
     client.create_dataset(dataset, exists_ok=True, retry=retry, timeout=timeout)
-    client.create_table(build_table(client, settings), exists_ok=True, retry=retry,
-                        timeout=timeout)
+    client.create_table(build_table(client, settings), exists_ok=True, retry=retry, timeout=timeout)

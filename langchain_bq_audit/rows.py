@@ -65,8 +65,11 @@ def to_jsonable(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> A
 def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
     if isinstance(value, Mapping):
         return {
-            str(k): ("<removed>" if isinstance(k, str) and is_secret_key(k) else
-                     to_jsonable(v, depth, seen))
+            str(k): (
+                "<removed>"
+                if isinstance(k, str) and is_secret_key(k)
+                else to_jsonable(v, depth, seen)
+            )
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple, set, frozenset)):
@@ -246,9 +249,7 @@ def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
         row["input_text"] = "\n\n".join(str(p) for p in (rec.inputs or []))
 
     if gen is not None:
-        row["output_text"] = (
-            content_text(message.content) if message is not None else str(gen.text)
-        )
+        row["output_text"] = content_text(message.content) if message is not None else str(gen.text)
         gens = response.generations[0]
         if message is not None:
             row["output_messages"] = dumps(to_jsonable([message_dict(g.message) for g in gens]))
@@ -256,8 +257,10 @@ def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
             if calls:
                 row["tool_calls"] = dumps(
                     to_jsonable(
-                        [{"name": c.get("name"), "args": c.get("args"), "id": c.get("id")}
-                         for c in calls]
+                        [
+                            {"name": c.get("name"), "args": c.get("args"), "id": c.get("id")}
+                            for c in calls
+                        ]
                     )
                 )
         else:
@@ -367,8 +370,12 @@ def _build(rec: RunRecord, app_name: str | None, environment: str | None) -> dic
         docs = rec.outputs or []
         row["output_text"] = f"{len(docs)} documents"
         row["output_messages"] = dumps(
-            to_jsonable([{"id": getattr(d, "id", None), "metadata": getattr(d, "metadata", None)}
-                         for d in docs])
+            to_jsonable(
+                [
+                    {"id": getattr(d, "id", None), "metadata": getattr(d, "metadata", None)}
+                    for d in docs
+                ]
+            )
         )
     else:
         row["input_text"] = render(rec.inputs)

@@ -76,7 +76,9 @@ JSON_COLUMNS: frozenset[str] = frozenset(c.name for c in COLUMNS if c.type == "J
 PARTITION_FIELD = "timestamp"
 PARTITION_TYPE = "DAY"
 CLUSTERING_FIELDS: tuple[str, ...] = ("session_id", "user_id", "model_name", "run_type")
-TABLE_DESCRIPTION = "Audit log of LLM, chat model, chain, tool and retriever runs (one row per run)."
+TABLE_DESCRIPTION = (
+    "Audit log of LLM, chat model, chain, tool and retriever runs (one row per run)."
+)
 DATASET_DESCRIPTION = "Dataset to store logs of large language model inferences"
 
 

@@ -63,9 +63,7 @@ class AuditSettings:
                 raise ValueError(f"{name} must be letters, digits and underscores, got {value!r}")
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> AuditSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AuditSettings:
         """Settings from `BQ_AUDIT_*` variables, with `overrides` (not None) taking precedence."""
         env = os.environ if env is None else env
         known = {f.name: f for f in fields(cls)}

@@ -34,9 +34,7 @@ def table_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_handler(
-    bq_client: Any, table_name: str
-) -> Iterator[Callable[..., BigQueryAuditHandler]]:
+def make_handler(bq_client: Any, table_name: str) -> Iterator[Callable[..., BigQueryAuditHandler]]:
     """Handlers writing to this test's table on the session emulator."""
     made: list[BigQueryAuditHandler] = []
 
@@ -71,7 +69,8 @@ def read_rows(bq_client: Any, table_name: str) -> Callable[..., list[dict[str, A
 
     def read(where: str = "TRUE", **params: Any) -> list[dict[str, Any]]:
         table = f"{bq_client.project}.language_model_logging.{table_name}"
-        return query(bq_client, f"SELECT * FROM `{table}` WHERE {where} ORDER BY start_time",
-                     **params)
+        return query(
+            bq_client, f"SELECT * FROM `{table}` WHERE {where} ORDER BY start_time", **params
+        )
 
     return read

@@ -216,8 +216,9 @@ def test_plain_llm_rows_and_handler_defaults(make_handler, read_rows) -> None:
 
     assert llm.invoke("meaning?", config={"callbacks": [handler]}) == "forty-two"
     assert (
-        llm.invoke("again?", config={"callbacks": [handler_defaults],
-                                     "metadata": {"user_id": "explicit"}})
+        llm.invoke(
+            "again?", config={"callbacks": [handler_defaults], "metadata": {"user_id": "explicit"}}
+        )
         == "forty-two"
     )
     assert handler.flush(timeout=20)

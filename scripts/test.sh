@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install into .venv (with the embedded BigQuery and test tools), lint, and run the tests.
+# The tests start their own local BigQuery; extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/scripts/bootstrap.sh" local,dev
+cd "$root"
+.venv/bin/ruff check langchain_bq_audit tests
+.venv/bin/ruff format --check langchain_bq_audit tests
+.venv/bin/mypy langchain_bq_audit
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,176 @@
+"""Real faults and process lifecycle: a stopped emulator, process exit, env configuration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from typing import Any
+
+import pytest
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.emulator import LocalBigQuery
+
+from .conftest import query
+
+
+def test_flush_returns_in_time_when_bigquery_is_gone(tmp_path) -> None:
+    """Stop the emulator for real: the chain keeps working, flush keeps its timeout."""
+    bq = LocalBigQuery(tmp_path / "bq").start()
+    try:
+        handler = BigQueryAuditHandler(
+            client=bq.client(),
+            table="gone",
+            batch_age_s=0.05,
+            request_timeout_s=1.0,
+            batch_deadline_s=30.0,
+        )
+        model = FakeListChatModel(responses=["before"])
+        assert model.invoke("a", config={"callbacks": [handler]}).content == "before"
+        assert handler.flush(timeout=20)
+        assert handler.stats()["written"] == 1
+    finally:
+        bq.stop()
+
+    model = FakeListChatModel(responses=["after"])
+    for _ in range(20):  # the handler must not raise into the chain, nor slow it down much
+        assert model.invoke("b", config={"callbacks": [handler]}).content == "after"
+
+    started = time.monotonic()
+    ok = handler.flush(timeout=1.5)
+    elapsed = time.monotonic() - started
+    assert ok is False
+    assert elapsed < 2.0, f"flush(timeout=1.5) took {elapsed:.2f} s"
+    stats = handler.stats()
+    assert stats["callback_errors"] == 0
+    assert stats["written"] == 1
+    assert stats["last_error"]  # the connection failure is visible
+
+    closed = time.monotonic()
+    handler.close(timeout=1.0)
+    assert time.monotonic() - closed < 2.0
+
+
+@pytest.mark.parametrize("scheme", ["", "http://"])
+def test_emulator_host_env_points_the_default_client(
+    emulator, bq_client, monkeypatch, scheme: str
+) -> None:
+    table = f"envhost_{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", scheme + emulator.host_port)
+    monkeypatch.setenv("BQ_AUDIT_PROJECT", emulator.project)
+    monkeypatch.setenv("BQ_AUDIT_TABLE", table)
+    handler = BigQueryAuditHandler(batch_age_s=0.05)
+    assert handler.settings.table == table
+    FakeListChatModel(responses=["via env"]).invoke("q", config={"callbacks": [handler]})
+    assert handler.flush(timeout=20)
+    handler.close()
+
+    rows = query(bq_client, f"SELECT output_text FROM `local.language_model_logging.{table}`")
+    assert rows == [{"output_text": "via env"}]
+
+
+def _run_child(code: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_rows_are_written_at_exit_without_a_flush(emulator, bq_client) -> None:
+    """The atexit drain writes what the app left queued (a long batch age keeps it queued)."""
+    table = f"atexit_{uuid.uuid4().hex[:6]}"
+    child = _run_child(
+        """
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        from langchain_bq_audit import BigQueryAuditHandler
+        handler = BigQueryAuditHandler(batch_age_s=3600)
+        model = FakeListChatModel(responses=["bye"])
+        for i in range(20):
+            model.invoke("x", config={"callbacks": [handler], "metadata": {"user_id": str(i)}})
+        print("queued", handler.stats()["queued"])
+        """,
+        {"BIGQUERY_EMULATOR_HOST": emulator.host_port, "BQ_AUDIT_TABLE": table},
+    )
+    assert child.returncode == 0, child.stderr
+    assert "queued 20" in child.stdout
+    rows = query(bq_client, f"SELECT user_id FROM `local.language_model_logging.{table}`")
+    assert sorted(int(r["user_id"]) for r in rows) == list(range(20))
+
+
+def test_exit_is_bounded_when_bigquery_is_unreachable(tmp_path) -> None:
+    port = LocalBigQuery(tmp_path).port  # a free port nobody listens on
+    started = time.monotonic()
+    child = _run_child(
+        """
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        from langchain_bq_audit import BigQueryAuditHandler
+        handler = BigQueryAuditHandler(batch_age_s=3600, shutdown_timeout_s=2)
+        FakeListChatModel(responses=["x"]).invoke("x", config={"callbacks": [handler]})
+        """,
+        {"BIGQUERY_EMULATOR_HOST": f"127.0.0.1:{port}"},
+    )
+    elapsed = time.monotonic() - started
+    assert child.returncode == 0, child.stderr
+    assert elapsed < 2 + 8, f"exit took {elapsed:.1f} s"  # deadline + interpreter start-up
+
+
+def test_demo_command_against_a_running_emulator(emulator) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "demo", "--endpoint", emulator.host_port],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "6 calls by 2 users in 3 sessions -> 23 rows" in out
+    assert "error recorded: ConnectionError: model provider unavailable" in out
+    assert "model calls: 6" in out
+    assert "rows with errors: 2" in out
+    for who in ("alice", "bob", "s-alice-1", "s-alice-2", "s-bob-1"):
+        assert who in out
+
+
+def test_demo_command_starts_its_own_emulator(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "demo", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "local BigQuery ready on http://127.0.0.1:" in proc.stdout
+    assert "-> 23 rows" in proc.stdout
+
+
+def test_demo_command_explains_an_emulator_that_cannot_start(tmp_path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the data directory should be")
+    proc = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "demo", "--data-dir", str(blocker)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("bq-audit: ")
+    assert "Traceback" not in proc.stderr
+
+
+def _settings_errors(env: dict[str, str], **kwargs: Any) -> str:
+    try:
+        BigQueryAuditHandler(**kwargs)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return ""
+
+
+def test_bad_configuration_gets_a_clear_error(monkeypatch) -> None:
+    assert "unknown audit setting(s): batch_size" in _settings_errors({}, batch_size=3)
+    assert "table must be letters" in _settings_errors({}, table="my-table; drop")
+    monkeypatch.setenv("BQ_AUDIT_BATCH_ROWS", "many")
+    assert "BQ_AUDIT_BATCH_ROWS='many' is not valid" in _settings_errors({})
+    monkeypatch.setenv("BQ_AUDIT_BATCH_ROWS", "0")
+    assert "batch_rows must be at least 1" in _settings_errors({})
