@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Runs waiting for their end; beyond this new runs are not tracked (and counted).
-MAX_PENDING_RUNS = 100_000
-
 
 class BigQueryAuditHandler(BaseCallbackHandler):
     """Writes one BigQuery row per finished LLM, chat model, chain, tool and retriever run.
@@ -82,10 +79,14 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         self._writer = get_writer(settings, client)
         self._submit = self._writer.submit
         self._runs: dict[UUID, RunRecord] = {}
+        self._max_pending = settings.max_pending_runs
         self._session_id = session_id
         self._user_id = user_id
         self._lock = threading.Lock()
-        self._counts = {"callback_errors": 0, "untracked_runs": 0, "unmatched_ends": 0}
+        self._counts = dict.fromkeys(
+            ("callback_errors", "untracked_runs", "unmatched_ends", "abandoned"), 0
+        )
+        self._writer.add_tracker(self)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -102,6 +103,23 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         out = self._writer.stats()
         out.update(self._counts)
         out["pending_runs"] = len(self._runs)
+        return out
+
+    def sweep(self, now: float) -> list[RunRecord]:
+        """Runs started more than `run_ttl_s` ago and never ended, marked `abandoned`.
+
+        Called by the writer thread. A run's end that arrives later counts as unmatched.
+        """
+        cutoff = now - self.settings.run_ttl_s
+        out = []
+        for run_id, rec in self._runs.copy().items():  # dict.copy is atomic under the GIL
+            if rec.start_time < cutoff and self._runs.pop(run_id, None) is rec:
+                rec.status = "abandoned"
+                rec.end_time = now
+                out.append(rec)
+        if out:
+            with self._lock:
+                self._counts["abandoned"] += len(out)
         return out
 
     # -- run tracking (hot path) --------------------------------------------------------------
@@ -122,7 +140,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         kwargs: dict[str, Any],
     ) -> None:
         runs = self._runs
-        if len(runs) >= MAX_PENDING_RUNS:
+        if len(runs) >= self._max_pending:
             self._count("untracked_runs")
             return
         trace_id = run_id

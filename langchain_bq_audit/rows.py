@@ -6,8 +6,10 @@ the run's identity and says what went wrong, so a strange input cannot lose a ro
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as _dt
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -16,14 +18,19 @@ from uuid import UUID
 
 from .records import RunRecord
 from .schema import JSON_COLUMNS
+from .settings import AuditSettings
 
 _UTC = _dt.timezone.utc
 _MAX_DEPTH = 32
+_MAX_ITEMS = 10_000  # items kept of one list or dict in JSON columns
+_MAX_EXACT_INT = 2**53
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 _SECRET_NAMES = frozenset(
     {"api_key", "apikey", "token", "password", "passwd", "secret", "authorization", "auth"}
 )
 _SECRET_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_token", "_credentials")
+_CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+_DEFAULT_SETTINGS = AuditSettings()
 
 
 def iso(ts: float) -> str:
@@ -37,16 +44,32 @@ def is_secret_key(key: str) -> bool:
     return k in _SECRET_NAMES or k.endswith(_SECRET_SUFFIXES)
 
 
+def clean_text(text: str) -> str:
+    """`text` as valid UTF-8: lone surrogates (from undecodable bytes) become U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # utf-16 with surrogatepass pairs up what can be paired; the rest decodes to U+FFFD
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 # -- JSON -------------------------------------------------------------------------------------
 
 
 def to_jsonable(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> Any:
     """Any Python value -> something `json.dumps` accepts, without raising.
 
-    Cycles and excessive depth become marker strings; unknown objects become their repr.
+    Cycles and excessive depth become marker strings, secret-looking keys and `SecretStr`
+    values are removed, bytes become a size, unknown objects their repr.
     """
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):
+        # BigQuery JSON keeps numbers exactly only within a double's 53 bits
+        return value if -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if _depth >= _MAX_DEPTH:
@@ -64,25 +87,30 @@ def to_jsonable(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> A
 
 def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
     if isinstance(value, Mapping):
-        return {
-            str(k): (
-                "<removed>"
-                if isinstance(k, str) and is_secret_key(k)
-                else to_jsonable(v, depth, seen)
-            )
-            for k, v in value.items()
-        }
+        out: dict[str, Any] = {}
+        for i, (k, v) in enumerate(value.items()):
+            if i >= _MAX_ITEMS:
+                out["<more keys>"] = len(value) - _MAX_ITEMS
+                break
+            key = k if isinstance(k, str) else str(to_jsonable(k, depth, seen))
+            out[key] = "<removed>" if is_secret_key(key) else to_jsonable(v, depth, seen)
+        return out
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(v, depth, seen) for v in value]
+        items = [to_jsonable(v, depth, seen) for v in itertools.islice(value, _MAX_ITEMS)]
+        if len(value) > _MAX_ITEMS:
+            items.append(f"<{len(value) - _MAX_ITEMS} more items>")
+        return items
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()
     if isinstance(value, UUID):
         return str(value)
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
-    if type(value).__name__ == "SecretStr":
+    if type(value).__name__ in ("SecretStr", "SecretBytes"):
         return "<removed>"
-    dump = getattr(value, "model_dump", None)  # pydantic models, LangChain messages
+    if _is_message(value):
+        return message_dict(value)
+    dump = getattr(value, "model_dump", None)  # pydantic models
     if callable(dump):
         try:
             return to_jsonable(dump(), depth, seen)
@@ -94,24 +122,71 @@ def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
             for f in dataclasses.fields(value)
         }
     try:
-        return repr(value)
+        text = repr(value)
     except Exception:
         return f"<unrepresentable {type(value).__name__}>"
+    return text if len(text) <= 1000 else text[:1000] + "…"
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON of any value; never raises."""
+    """Compact JSON of any value, valid UTF-8; never raises."""
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError):
-        return json.dumps(to_jsonable(value), separators=(",", ":"), allow_nan=False)
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = json.dumps(
+            to_jsonable(value), separators=(",", ":"), allow_nan=False, ensure_ascii=False
+        )
+    return clean_text(text)
 
 
-# -- text -------------------------------------------------------------------------------------
+# -- messages and text ------------------------------------------------------------------------
+
+
+def _is_message(value: Any) -> bool:
+    return hasattr(value, "content") and isinstance(getattr(value, "type", None), str)
+
+
+def _part_placeholder(part: Mapping[str, Any]) -> dict[str, Any]:
+    """A multimodal content part (image, audio, file) as type and size, never its data."""
+    kind = str(part.get("type", "part"))
+    out: dict[str, Any] = {"type": kind}
+    size = 0
+    for key, value in part.items():
+        if key == "type":
+            continue
+        if isinstance(value, Mapping):  # e.g. {"image_url": {"url": "data:..."}}
+            inner = _part_placeholder({"type": kind, **value})
+            size += inner.pop("bytes", 0)
+            inner.pop("type", None)
+            out.update(inner)
+        elif isinstance(value, str) and (len(value) > 256 or value.startswith("data:")):
+            size += len(value)
+            if value.startswith("data:"):
+                out.setdefault("mime_type", value[5 : value.find(";")] if ";" in value else "")
+        elif isinstance(value, (bytes, bytearray)):
+            size += len(value)
+        elif isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+    if size:
+        out["bytes"] = size
+    return out
+
+
+def content_parts(content: Any) -> Any:
+    """Message content with every non-text part replaced by its placeholder."""
+    if not isinstance(content, list):
+        return content
+    out: list[Any] = []
+    for part in content:
+        if isinstance(part, Mapping) and part.get("type", "text") != "text":
+            out.append(_part_placeholder(part))
+        else:
+            out.append(part)
+    return out
 
 
 def content_text(content: Any) -> str:
-    """Message content (a string or a list of parts) as plain text."""
+    """Message content (a string or a list of parts) as plain text; media as `[image]`."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -120,8 +195,10 @@ def content_text(content: Any) -> str:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, Mapping):
-                kind = part.get("type", "part")
-                parts.append(str(part["text"]) if "text" in part else f"[{kind}]")
+                if part.get("type", "text") == "text" and "text" in part:
+                    parts.append(str(part["text"]))
+                else:
+                    parts.append(f"[{part.get('type', 'part')}]")
             else:
                 parts.append(str(part))
         return "\n".join(parts)
@@ -129,10 +206,12 @@ def content_text(content: Any) -> str:
 
 
 def message_role(message: Any) -> str:
-    kind = getattr(message, "type", None) or "message"
+    """user, assistant, system, tool, or a chat message's own role."""
+    kind: str = getattr(message, "type", None) or "message"
     if kind == "chat":
         return str(getattr(message, "role", "chat"))
-    return _ROLES.get(kind, kind.replace("Chunk", "").lower())
+    kind = kind.replace("Chunk", "").lower()
+    return _ROLES.get(kind, kind)
 
 
 def messages_text(messages: Any) -> str:
@@ -143,24 +222,27 @@ def messages_text(messages: Any) -> str:
 
 
 def message_dict(message: Any) -> dict[str, Any]:
-    """A message as a small JSON-able dict (role, content, and what else it carries)."""
-    out: dict[str, Any] = {"role": message_role(message), "content": message.content}
+    """A message as a small JSON-able dict: role, content (media as placeholders), ids."""
+    out: dict[str, Any] = {
+        "role": message_role(message),
+        "content": content_parts(message.content),
+    }
     for attr in ("name", "tool_call_id", "id"):
         value = getattr(message, attr, None)
         if value:
             out[attr] = value
     tool_calls = getattr(message, "tool_calls", None)
     if tool_calls:
-        out["tool_calls"] = tool_calls
+        out["tool_calls"] = [_tool_call(c) for c in tool_calls]
     return out
 
 
-def _is_message(value: Any) -> bool:
-    return hasattr(value, "content") and hasattr(value, "type")
+def _tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    return {"name": call.get("name"), "args": call.get("args"), "id": call.get("id")}
 
 
 def render(value: Any) -> str:
-    """A chain/tool input or output as readable text."""
+    """A chain, tool or retriever input or output as readable text."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -175,7 +257,7 @@ def render(value: Any) -> str:
         return dumps(value)
     if isinstance(value, (list, tuple)) and value and all(_is_message(v) for v in value):
         return messages_text(value)
-    to_string = getattr(value, "to_string", None)  # PromptValue
+    to_string = getattr(value, "to_string", None)  # a PromptValue
     if callable(to_string):
         try:
             return str(to_string())
@@ -185,6 +267,99 @@ def render(value: Any) -> str:
     if isinstance(page_content, str):
         return page_content
     return dumps(value)
+
+
+# -- token usage ------------------------------------------------------------------------------
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    return None
+
+
+def _get(mapping: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _usage_from_mapping(usage: Mapping[str, Any]) -> dict[str, int | None] | None:
+    """One usage dict of any known provider shape -> our five counts, or None."""
+    prompt = _int(
+        usage.get("input_tokens", usage.get("prompt_tokens", usage.get("prompt_token_count")))
+    )
+    completion = _int(
+        usage.get(
+            "output_tokens",
+            usage.get("completion_tokens", usage.get("candidates_token_count")),
+        )
+    )
+    total = _int(usage.get("total_tokens", usage.get("total_token_count")))
+    if prompt is None and completion is None and total is None:
+        return None
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    cache_read = _int(
+        _get(usage, "input_token_details", "cache_read")  # LangChain UsageMetadata
+        or _get(usage, "prompt_tokens_details", "cached_tokens")  # OpenAI
+        or usage.get("cache_read_input_tokens")  # Anthropic
+        or usage.get("cached_content_token_count")  # Gemini
+    )
+    reasoning = _int(
+        _get(usage, "output_token_details", "reasoning")
+        or _get(usage, "completion_tokens_details", "reasoning_tokens")
+        or usage.get("thoughts_token_count")
+    )
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": total,
+        "cache_read_tokens": cache_read,
+        "reasoning_tokens": reasoning,
+    }
+
+
+_USAGE_KEYS = ("token_usage", "usage", "usage_metadata")
+
+
+def token_usage(response: Any, streamed: bool) -> tuple[dict[str, int | None] | None, str]:
+    """Exact token counts from an `LLMResult`, with where they came from.
+
+    Looks, in order, at the message's `usage_metadata` (LangChain's standard; for a streamed
+    call it is the sum over chunks, where providers put usage on the last chunk), then at
+    provider shapes in `response_metadata` / `generation_info` (OpenAI `token_usage`,
+    Anthropic `usage`, Gemini `usage_metadata`), then at `llm_output`. Never made up.
+    """
+    generations = getattr(response, "generations", None) or []
+    for batch in generations:
+        for gen in batch:
+            message = getattr(gen, "message", None)
+            usage = getattr(message, "usage_metadata", None)
+            if usage:
+                found = _usage_from_mapping(usage)
+                if found:
+                    return found, "stream" if streamed else "provider"
+            for meta in (
+                getattr(message, "response_metadata", None),
+                getattr(gen, "generation_info", None),
+            ):
+                for key in _USAGE_KEYS:
+                    usage = _get(meta, key)
+                    if isinstance(usage, Mapping) and (found := _usage_from_mapping(usage)):
+                        return found, "provider"
+    llm_output = getattr(response, "llm_output", None)
+    for key in _USAGE_KEYS:
+        usage = _get(llm_output, key)
+        if isinstance(usage, Mapping) and (found := _usage_from_mapping(usage)):
+            return found, "provider"
+    return None, "missing"
 
 
 # -- model runs -------------------------------------------------------------------------------
@@ -197,46 +372,37 @@ def _first_generation(response: Any) -> Any:
     return None
 
 
-def _usage(response: Any, gen: Any) -> tuple[int | None, int | None, int | None, str]:
-    message = getattr(gen, "message", None)
-    usage = getattr(message, "usage_metadata", None)
-    if usage:
-        return (
-            usage.get("input_tokens"),
-            usage.get("output_tokens"),
-            usage.get("total_tokens"),
-            "provider",
-        )
-    llm_output = getattr(response, "llm_output", None) or {}
-    usage = llm_output.get("token_usage") or llm_output.get("usage")
-    if isinstance(usage, Mapping) and usage:
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-        completion = usage.get("completion_tokens", usage.get("output_tokens"))
-        total = usage.get("total_tokens")
-        if total is None and prompt is not None and completion is not None:
-            total = prompt + completion
-        return prompt, completion, total, "provider"
-    return None, None, None, "missing"
+def _first_str(*values: Any) -> str | None:
+    for v in values:
+        if v and isinstance(v, (str, int, float)):
+            return str(v)
+    return None
 
 
 def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
-    params = rec.invocation_params or {}
+    params = rec.invocation_params if isinstance(rec.invocation_params, Mapping) else {}
     meta = rec.metadata or {}
     response = rec.outputs
     gen = _first_generation(response)
     message = getattr(gen, "message", None)
     response_meta = getattr(message, "response_metadata", None) or {}
+    gen_info = getattr(gen, "generation_info", None) or {}
     llm_output = getattr(response, "llm_output", None) or {}
 
     row["model_name"] = _first_str(
         response_meta.get("model_name"),
         response_meta.get("model"),
+        gen_info.get("model_name"),
         llm_output.get("model_name"),
+        llm_output.get("model"),
         params.get("model"),
         params.get("model_name"),
+        params.get("model_id"),
         meta.get("ls_model_name"),
     )
-    row["provider"] = _first_str(meta.get("ls_provider"), params.get("_type"))
+    row["provider"] = _first_str(
+        meta.get("ls_provider"), response_meta.get("model_provider"), params.get("_type")
+    )
     if params:
         row["invocation_params"] = dumps(to_jsonable(params))
 
@@ -249,40 +415,52 @@ def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
         row["input_text"] = "\n\n".join(str(p) for p in (rec.inputs or []))
 
     if gen is not None:
-        row["output_text"] = content_text(message.content) if message is not None else str(gen.text)
         gens = response.generations[0]
         if message is not None:
+            row["output_text"] = content_text(message.content)
             row["output_messages"] = dumps(to_jsonable([message_dict(g.message) for g in gens]))
             calls = getattr(message, "tool_calls", None)
             if calls:
-                row["tool_calls"] = dumps(
-                    to_jsonable(
-                        [
-                            {"name": c.get("name"), "args": c.get("args"), "id": c.get("id")}
-                            for c in calls
-                        ]
-                    )
-                )
+                row["tool_calls"] = dumps(to_jsonable([_tool_call(c) for c in calls]))
         else:
-            row["output_messages"] = dumps([{"text": g.text} for g in gens])
-    prompt, completion, total, source = _usage(response, gen)
-    row["prompt_tokens"] = prompt
-    row["completion_tokens"] = completion
-    row["total_tokens"] = total
+            row["output_text"] = str(gen.text)
+            row["output_messages"] = dumps([{"text": str(g.text)} for g in gens])
+    usage, source = token_usage(response, rec.first_token_time is not None)
+    if usage:
+        row.update(usage)
     row["token_usage_source"] = source
 
 
-def _first_str(*values: Any) -> str | None:
-    for v in values:
-        if v:
-            return str(v)
-    return None
+# -- the row ----------------------------------------------------------------------------------
+
+
+def resolve_session_user(
+    metadata: Mapping[str, Any] | None, session_default: str | None, user_default: str | None
+) -> tuple[str | None, str | None]:
+    """Session and user of a run. Precedence, first present wins:
+
+    session: metadata `session_id`, `thread_id` (LangGraph), `conversation_id`, the default;
+    user: metadata `user_id`, `user`, the default.
+    """
+    session: Any = None
+    user: Any = None
+    if metadata:
+        session = (
+            metadata.get("session_id")
+            or metadata.get("thread_id")
+            or metadata.get("conversation_id")
+        )
+        user = metadata.get("user_id") or metadata.get("user")
+    return (
+        clean_text(str(session)) if session else session_default,
+        clean_text(str(user)) if user else user_default,
+    )
 
 
 def _name(rec: RunRecord) -> str | None:
     if rec.name:
         return str(rec.name)
-    ser = rec.serialized or {}
+    ser = rec.serialized if isinstance(rec.serialized, Mapping) else {}
     if ser.get("name"):
         return str(ser["name"])
     ids = ser.get("id")
@@ -291,59 +469,86 @@ def _name(rec: RunRecord) -> str | None:
     return None
 
 
-def _clean_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if not (isinstance(k, str) and is_secret_key(k))}
+def _status(rec: RunRecord) -> str:
+    if rec.status == "error" and isinstance(rec.error, _CANCELLED):
+        return "cancelled"
+    return rec.status
 
 
-# -- the row ----------------------------------------------------------------------------------
-
-
-def build_row(
-    rec: RunRecord,
-    *,
-    max_field_chars: int = 200_000,
-    app_name: str | None = None,
-    environment: str | None = None,
-) -> dict[str, Any]:
-    """The row for one finished run. Never raises."""
-    try:
-        row = _build(rec, app_name, environment)
-    except Exception as exc:  # a strange input: keep the run, say why its content is missing
-        row = _minimal_row(rec, app_name, environment)
-        row["error_message"] = f"langchain-bq-audit could not render this run: {exc!r}"[:2000]
-    _cap(row, max_field_chars)
-    return row
-
-
-def _identity(rec: RunRecord, app_name: str | None, environment: str | None) -> dict[str, Any]:
-    meta = rec.metadata or {}
+def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     end = rec.end_time if rec.end_time is not None else rec.start_time
-    session = meta.get("session_id") or meta.get("thread_id") or meta.get("conversation_id")
-    user = meta.get("user_id") or meta.get("user")
+    session, user = resolve_session_user(rec.metadata, rec.session_id, rec.user_id)
     return {
         "timestamp": iso(end),
         "input_text": "",
         "output_text": "",
-        "user_id": str(user) if user else rec.user_id,
-        "session_id": str(session) if session else rec.session_id,
+        "user_id": user,
+        "session_id": session,
         "event_id": str(rec.run_id),
         "run_id": str(rec.run_id),
         "parent_run_id": str(rec.parent_run_id) if rec.parent_run_id else None,
         "trace_id": str(rec.trace_id),
         "run_type": rec.run_type,
         "name": _name(rec),
-        "status": rec.status,
+        "status": _status(rec),
         "start_time": iso(rec.start_time),
         "latency_ms": round((end - rec.start_time) * 1000.0, 3),
-        "tags": [str(t) for t in rec.tags] if rec.tags else [],
-        "app_name": app_name,
-        "environment": environment,
+        "tags": [clean_text(str(t)) for t in rec.tags] if rec.tags else [],
+        "app_name": settings.app_name,
+        "environment": settings.environment,
     }
 
 
-def _minimal_row(rec: RunRecord, app_name: str | None, environment: str | None) -> dict[str, Any]:
+def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
+    row = _identity(rec, settings)
+    if rec.first_token_time is not None:
+        row["time_to_first_token_ms"] = round((rec.first_token_time - rec.start_time) * 1000, 3)
+    if rec.metadata:
+        row["metadata"] = dumps(to_jsonable(rec.metadata))
+    if rec.run_type in ("llm", "chat_model"):
+        _model_row(rec, row)
+    elif rec.run_type == "retriever":
+        row["input_text"] = render(rec.inputs)
+        docs = list(rec.outputs or [])
+        row["output_text"] = f"{len(docs)} documents"
+        row["output_messages"] = dumps(
+            to_jsonable([_document(d, settings.capture_documents) for d in docs])
+        )
+    else:
+        row["input_text"] = render(rec.inputs)
+        row["output_text"] = render(getattr(rec.outputs, "content", rec.outputs))
+    if rec.error is not None:
+        row["error_type"] = type(rec.error).__name__
+        row["error_message"] = str(rec.error) or type(rec.error).__name__
+        if row["status"] == "error":  # a cancelled run keeps what it produced so far
+            row["output_text"] = ""
+    return row
+
+
+def _document(doc: Any, with_text: bool) -> dict[str, Any]:
+    out = {"id": getattr(doc, "id", None), "metadata": getattr(doc, "metadata", None)}
+    if with_text:
+        out["page_content"] = getattr(doc, "page_content", None)
+    return out
+
+
+def build_row(rec: RunRecord, settings: AuditSettings = _DEFAULT_SETTINGS) -> dict[str, Any]:
+    """The row for one finished run. Never raises."""
     try:
-        return _identity(rec, app_name, environment)
+        row = _build(rec, settings)
+        for key, value in row.items():
+            if isinstance(value, str):
+                row[key] = clean_text(value)
+    except Exception as exc:  # a strange input: keep the run, say why its content is missing
+        row = _minimal_row(rec, settings)
+        row["error_message"] = f"langchain-bq-audit could not render this run: {exc!r}"[:2000]
+    fit_row(row, settings.max_field_chars, settings.max_row_bytes)
+    return row
+
+
+def _minimal_row(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
+    try:
+        return _identity(rec, settings)
     except Exception:
         return {
             "timestamp": iso(rec.end_time or rec.start_time),
@@ -357,59 +562,41 @@ def _minimal_row(rec: RunRecord, app_name: str | None, environment: str | None) 
         }
 
 
-def _build(rec: RunRecord, app_name: str | None, environment: str | None) -> dict[str, Any]:
-    row = _identity(rec, app_name, environment)
-    if rec.first_token_time is not None:
-        row["time_to_first_token_ms"] = round((rec.first_token_time - rec.start_time) * 1000, 3)
-    if rec.metadata:
-        row["metadata"] = dumps(to_jsonable(_clean_meta(rec.metadata)))
-    if rec.run_type in ("llm", "chat_model"):
-        _model_row(rec, row)
-    elif rec.run_type == "retriever":
-        row["input_text"] = render(rec.inputs)
-        docs = rec.outputs or []
-        row["output_text"] = f"{len(docs)} documents"
-        row["output_messages"] = dumps(
-            to_jsonable(
-                [
-                    {"id": getattr(d, "id", None), "metadata": getattr(d, "metadata", None)}
-                    for d in docs
-                ]
-            )
-        )
-    else:
-        row["input_text"] = render(rec.inputs)
-        row["output_text"] = render(getattr(rec.outputs, "content", rec.outputs))
-    if rec.error is not None:
-        row["error_type"] = type(rec.error).__name__
-        row["error_message"] = str(rec.error)
-        row["output_text"] = ""
-    return row
+def _cut(key: str, value: str, limit: int) -> str:
+    if key in JSON_COLUMNS:  # JSON must stay valid: keep a head of it as a string
+        return dumps({"truncated": True, "chars": len(value), "head": value[: max(0, limit - 80)]})
+    return value[:limit]
 
 
-def _cap(row: dict[str, Any], limit: int) -> None:
-    """Cut every text to `limit` characters; JSON that is too long becomes a valid stub."""
+def fit_row(row: dict[str, Any], max_chars: int, max_bytes: int) -> None:
+    """Cut texts to `max_chars`, then the largest ones until the row fits `max_bytes`."""
     truncated = False
     for key, value in row.items():
-        if isinstance(value, str) and len(value) > limit:
+        if isinstance(value, str) and len(value) > max_chars:
+            row[key] = _cut(key, value, max_chars)
             truncated = True
-            if key in JSON_COLUMNS:
-                row[key] = dumps({"truncated": True, "chars": len(value), "head": value[:limit]})
-                if len(row[key]) > limit + 100:
-                    row[key] = dumps({"truncated": True, "chars": len(value)})
-            else:
-                row[key] = value[:limit]
+    while row_size(row) > max_bytes:
+        key = max((k for k, v in row.items() if isinstance(v, str)), key=lambda k: len(row[k]))
+        value = row[key]
+        if len(value) < 200:  # nothing large left to cut; the rest is fixed overhead
+            break
+        row[key] = _cut(key, value, len(value) // 2)
+        truncated = True
     row["is_truncated"] = truncated
 
 
 def row_size(row: dict[str, Any]) -> int:
-    """A cheap upper-ish estimate of the row's JSON size in bytes, for batching."""
+    """An upper bound of the row's JSON size on the wire, in bytes.
+
+    insertAll bodies are sent with non-ASCII escaped, up to 12 bytes a character; ASCII
+    text counts once. Cheap: `isascii` is a fast scan.
+    """
     size = 64
     for value in row.values():
         if isinstance(value, str):
-            size += len(value) + 16
+            size += (len(value) if value.isascii() else 12 * len(value)) + 24
         elif isinstance(value, list):
-            size += sum(len(v) + 4 for v in value) + 8
+            size += sum(len(v) + 4 for v in value) + 24
         else:
-            size += 24
+            size += 32
     return size

@@ -62,6 +62,8 @@ COLUMNS: tuple[Column, ...] = (
     _c("prompt_tokens", "INT64", _N, "usage", "Input tokens; NULL when unknown."),
     _c("completion_tokens", "INT64", _N, "usage", "Output tokens; NULL when unknown."),
     _c("total_tokens", "INT64", _N, "usage", "Total tokens; NULL when unknown."),
+    _c("cache_read_tokens", "INT64", _N, "usage", "Input tokens served from a prompt cache."),
+    _c("reasoning_tokens", "INT64", _N, "usage", "Output tokens spent on hidden reasoning."),
     _c("token_usage_source", "STRING", _N, "usage", "provider, stream, estimated or missing."),
     _c("tags", "STRING", _REP, "context", "LangChain tags of the run."),
     _c("metadata", "JSON", _N, "context", "LangChain metadata of the run, secrets removed."),

@@ -45,14 +45,25 @@ class AuditSettings:
     max_field_chars: int = 200_000
     """Longest text kept in one column; longer text is cut and `is_truncated` set.
     (insertAll escapes non-ASCII as up to 6 bytes a character and caps requests at 10 MB.)"""
+    max_row_bytes: int = 5_000_000
+    """Budget for one whole row; the largest texts are cut until it fits (insertAll: 10 MB)."""
+    capture_documents: bool = False
+    """Keep retrieved documents' text in the row (ids and metadata are always kept)."""
+    run_ttl_s: float = 3600.0
+    """A run with no end after this long is written with status `abandoned`."""
+    max_pending_runs: int = 100_000
+    """Runs a handler tracks at once; beyond this new runs are not tracked (and counted)."""
     app_name: str | None = None
     environment: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars"):
+        for name in (
+            "batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars", "max_row_bytes",
+            "max_pending_runs",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s"):
+        for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s", "run_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.shutdown_timeout_s < 0:

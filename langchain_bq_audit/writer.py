@@ -49,6 +49,8 @@ class Writer:
         self._provisioned = False
         self._max_queue = settings.max_queue_rows
         self._batch_rows = settings.batch_rows
+        self._trackers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
@@ -78,6 +80,15 @@ class Writer:
             self._start()
         if len(queue) >= self._batch_rows and not self._wake.is_set():
             self._wake.set()
+
+    def add_tracker(self, tracker: Any) -> None:
+        """Sweep `tracker` (an object with `sweep(now) -> [RunRecord]`) for abandoned runs.
+
+        Held weakly; the writer thread calls it every `run_ttl_s / 4` (at most every 60 s).
+        """
+        self._trackers.add(tracker)
+        if self._thread is None:
+            self._start()
 
     # -- control ---------------------------------------------------------------------------
 
@@ -139,11 +150,15 @@ class Writer:
             self._thread = thread
 
     def _run(self) -> None:
-        age = self.settings.batch_age_s
+        wait = min(self.settings.batch_age_s, self._sweep_every)
+        next_sweep = time.monotonic() + self._sweep_every
         while True:
-            self._wake.wait(age)
+            self._wake.wait(wait)
             self._wake.clear()
             try:
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self._sweep_every
+                    self._sweep()
                 self._drain()
             except Exception as exc:  # never let the thread die: count and carry on
                 self.last_error = f"writer error: {exc!r}"
@@ -157,6 +172,12 @@ class Writer:
                     self._thread = None
                     self._stopping = False
                     return
+
+    def _sweep(self) -> None:
+        now = time.time()
+        for tracker in list(self._trackers):
+            for record in tracker.sweep(now):
+                self._queue.append(record)
 
     def _drain(self) -> None:
         queue = self._queue
@@ -172,12 +193,7 @@ class Writer:
                     markers.append(item)
                     continue
                 self.counters["accepted"] += 1
-                row = build_row(
-                    item,
-                    max_field_chars=settings.max_field_chars,
-                    app_name=settings.app_name,
-                    environment=settings.environment,
-                )
+                row = build_row(item, settings)
                 rows.append(row)
                 size += row_size(row)
             if rows:

@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh" local,dev
 cd "$root"
-.venv/bin/ruff check langchain_bq_audit tests
-.venv/bin/ruff format --check langchain_bq_audit tests
+.venv/bin/ruff check langchain_bq_audit tests scripts
+.venv/bin/ruff format --check langchain_bq_audit tests scripts
 .venv/bin/mypy langchain_bq_audit
 exec .venv/bin/python -m pytest "$@"
