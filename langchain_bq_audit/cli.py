@@ -47,9 +47,60 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_from(args: argparse.Namespace, **extra: Any) -> Any:
+    from .settings import AuditSettings
+
+    return AuditSettings.from_env(
+        project=args.project, dataset=args.dataset, table=args.table,
+        emulator_host=getattr(args, "endpoint", None), **extra,
+    )  # fmt: skip
+
+
+def _progress_bar(done: int, total: int) -> None:
+    width = 30
+    filled = width if total <= 0 else min(width, width * done // total)
+    pct = 100 if total <= 0 else min(100, 100 * done // total)
+    sys.stderr.write(f"\rreplaying [{'#' * filled}{'.' * (width - filled)}] {pct:3d}%")
+    sys.stderr.flush()
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .writer import Writer
+
+    settings = _settings_from(args, spool_dir=args.spool_dir, handle_sigterm=False)
+    writer = Writer(settings)
+    if writer.spool is None:
+        print("bq-audit: the spool is disabled (BQ_AUDIT_SPOOL_ENABLED=false)", file=sys.stderr)
+        return 2
+    segments = writer.spool.segments()
+    if not segments:
+        print(f"nothing to replay in {writer.spool.dir}")
+        return 0
+    print(f"replaying {len(segments)} segment(s) from {writer.spool.dir} to {writer.destination}")
+    replayed = writer.replay_now(_progress_bar)
+    sys.stderr.write("\n")
+    stats = writer.stats()
+    left = len(writer.spool.segments())
+    print(
+        f"replayed {replayed} rows; {stats['dead_lettered']} dead-lettered; "
+        f"{stats['corrupt_spool_records']} torn records skipped; {left} segment(s) left"
+    )
+    if left:
+        print(f"bq-audit: BigQuery did not take everything: {stats['last_error']}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     print(schema.to_markdown() if args.format == "markdown" else schema.to_json())
     return 0
+
+
+def _add_destination(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--project", help="Google Cloud project (default: env / client)")
+    parser.add_argument("--dataset", help="dataset (default: language_model_logging)")
+    parser.add_argument("--table", help="table (default: inference_logs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--grpc-port", type=int, help="Storage Write API port (default: free)")
     emu.add_argument("--project", help="default project (default: local)")
     emu.set_defaults(func=_cmd_emulator)
+
+    rep = add(
+        "replay",
+        "Write rows spooled on this machine to BigQuery, with progress.",
+        "BIGQUERY_EMULATOR_HOST=127.0.0.1:9050 bq-audit replay",
+    )
+    rep.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
+    _add_destination(rep)
+    rep.add_argument("--spool-dir", help="spool root (default: user cache dir)")
+    rep.set_defaults(func=_cmd_replay)
 
     sch = add("schema", "Print the audit table's schema.", "bq-audit schema --format markdown")
     sch.add_argument("--format", choices=("json", "markdown"), default="json")

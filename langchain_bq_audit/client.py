@@ -11,6 +11,21 @@ from .settings import AuditSettings
 LOCAL_PROJECT = "local"
 
 
+def project_hint(settings: AuditSettings, client: Any = None) -> str:
+    """The project rows will go to, known without network (names the spool folder).
+
+    Settings, then the client's, then the environment; with ADC and nothing set the real
+    project is only known once the client is made, so this says `default`.
+    """
+    project = settings.project or getattr(client, "project", None)
+    if project:
+        return str(project)
+    env = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCLOUD_PROJECT")
+    if env:
+        return env
+    return LOCAL_PROJECT if settings.emulator_endpoint else "default"
+
+
 def make_client(settings: AuditSettings) -> Any:
     """A `bigquery.Client`: the emulator's (anonymous) when one is configured, else ADC."""
     from google.cloud import bigquery

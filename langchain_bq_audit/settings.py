@@ -42,6 +42,17 @@ class AuditSettings:
     shutdown_timeout_s: float = 5.0
     """How long the atexit drain may take."""
 
+    max_buffer_bytes: int = 50_000_000
+    """Built rows held in memory for sending; beyond this new rows go to the spool."""
+    spool_enabled: bool = True
+    """Keep rows that cannot be written now on local disk and replay them later."""
+    spool_dir: str | None = None
+    """Spool root; default `$XDG_CACHE_HOME/langchain-bq-audit/spool`."""
+    max_spool_bytes: int = 1_000_000_000
+    """Disk budget of one destination's spool; beyond it rows are dropped (and counted)."""
+    handle_sigterm: bool = True
+    """On SIGTERM, drain like at exit, then let the previous handler (or default) act."""
+
     max_field_chars: int = 200_000
     """Longest text kept in one column; longer text is cut and `is_truncated` set.
     (insertAll escapes non-ASCII as up to 6 bytes a character and caps requests at 10 MB.)"""
@@ -59,7 +70,7 @@ class AuditSettings:
     def __post_init__(self) -> None:
         for name in (
             "batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars", "max_row_bytes",
-            "max_pending_runs",
+            "max_pending_runs", "max_buffer_bytes", "max_spool_bytes",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")

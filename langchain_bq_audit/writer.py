@@ -1,45 +1,66 @@
-"""The background writer: one thread per process and destination, shared by its handlers.
+"""The background writer of one destination table, shared by every handler in the process.
 
-`submit` is the only method on the callback path: a length check and a deque append.
-The thread wakes when a batch is full, when the oldest queued row reaches the batch age,
-or on flush/close; it builds rows, batches them by count and bytes, and writes them with
-bounded retries. Every outcome is counted in `stats()`.
+Two threads, so that a slow or hung BigQuery can never back up into the application:
+
+- the *builder* drains finished runs from the handlers' queue, turns them into rows and
+  hands them to the sender; it never touches the network. While BigQuery is down, or when
+  the rows waiting in memory exceed `max_buffer_bytes`, it writes rows to the local spool.
+- the *sender* writes batches with bounded retries (a timeout per request, a deadline per
+  batch, backoff with jitter), dead-letters rows BigQuery rejects for good, spools what it
+  gives up on, and replays the spool when BigQuery answers again.
+
+`submit` (the callback path) is a length check and a deque append. Shutdown is bounded:
+`close(timeout)`, the atexit drain and the SIGTERM drain spool whatever is not written by
+their deadline. Every row ends up counted as written, spooled, dead-lettered or dropped.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import random
+import signal
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from .client import project_hint
 from .records import RunRecord
 from .rows import build_row, row_size
 from .settings import AuditSettings
+from .spool import Spool, default_spool_dir
 
 logger = logging.getLogger(__name__)
 
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 5.0
+_PROBE_FIRST_S = 1.0  # while BigQuery is down, try the spool's oldest rows this often...
+_PROBE_MAX_S = 30.0  # ...backing off to this
+_WARN_EVERY_S = 60.0
+COUNTERS = (
+    "accepted", "written", "retried", "spooled", "replayed", "dead_lettered", "dropped",
+    "batches", "corrupt_spool_records",
+)  # fmt: skip
 
 
 class _Marker:
     """Placed in the queue by `flush`; done once every row before it has been handled."""
 
-    __slots__ = ("done", "losses_before")
+    __slots__ = ("done", "unwritten_before")
 
-    def __init__(self, losses_before: int) -> None:
+    def __init__(self, unwritten_before: int) -> None:
         self.done = threading.Event()
-        self.losses_before = losses_before
+        self.unwritten_before = unwritten_before
 
 
 class Writer:
-    """Queue, batching, retries, flush and close for one destination table."""
+    """Queue, batching, retries, spool and replay, flush and close for one destination."""
 
     def __init__(self, settings: AuditSettings, client: Any = None) -> None:
         self.settings = settings
@@ -51,105 +72,210 @@ class Writer:
         self._batch_rows = settings.batch_rows
         self._trackers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
+        self.destination = f"{project_hint(settings, client)}.{settings.dataset}.{settings.table}"
+        self.spool: Spool | None = None
+        if settings.spool_enabled:
+            root = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
+            self.spool = Spool(root, self.destination, settings.max_spool_bytes)
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
-        """Fresh queue, thread state and counters (at creation and in a forked child)."""
-        self._queue: deque[RunRecord | _Marker] = deque()
+        """Fresh queues, threads and counters (at creation and in a forked child)."""
+        self._records: deque[RunRecord | _Marker] = deque()
         self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # thread start/stop, counters
+        self._cond = threading.Condition(threading.Lock())  # the row buffer and in-flight rows
+        self._rows: deque[tuple[dict[str, Any] | _Marker, int]] = deque()
+        self._rows_bytes = 0
+        self._inflight: list[dict[str, Any]] = []
+        self._inflight_taken = False
+        self._builder: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
+        self._generation = 0  # threads of an older generation finish their work and exit
         self._stopping = False
-        self.counters: dict[str, int] = dict.fromkeys(
-            ("accepted", "written", "failed", "dropped", "retried", "batches", "build_errors"),
-            0,
-        )
+        self._abort = threading.Event()
+        self._down = False
+        self._next_probe = 0.0
+        self._probe_wait = _PROBE_FIRST_S
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
         self.last_write_time: float | None = None
+        self._warned: dict[str, float] = {}
 
     # -- callback path ---------------------------------------------------------------------
 
     def submit(self, record: RunRecord) -> None:
         """Queue a finished run. O(1); never blocks, never raises."""
-        queue = self._queue
-        if len(queue) >= self._max_queue:
-            self._lose("dropped", 1, "queue full")
+        records = self._records
+        if len(records) >= self._max_queue:
+            self._count("dropped", 1, "in-memory queue full")
             return
-        queue.append(record)
-        if self._thread is None:
+        records.append(record)
+        if self._builder is None:
             self._start()
-        if len(queue) >= self._batch_rows and not self._wake.is_set():
+        if len(records) >= self._batch_rows and not self._wake.is_set():
             self._wake.set()
+
+    # -- control ---------------------------------------------------------------------------
 
     def add_tracker(self, tracker: Any) -> None:
         """Sweep `tracker` (an object with `sweep(now) -> [RunRecord]`) for abandoned runs.
 
-        Held weakly; the writer thread calls it every `run_ttl_s / 4` (at most every 60 s).
+        Held weakly; the builder calls it every `run_ttl_s / 4` (at most every 60 s).
+        Starting the threads here also replays what an earlier process left in the spool.
         """
         self._trackers.add(tracker)
-        if self._thread is None:
+        if self._builder is None:
             self._start()
 
-    # -- control ---------------------------------------------------------------------------
-
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every row queued before this call is handled; True if none was lost."""
-        if self._thread is None and not self._queue:
+        """Wait until every row queued before this call is handled.
+
+        True when all of them were written to BigQuery; False on timeout, or when some were
+        spooled, dead-lettered or dropped instead (see `stats()`).
+        """
+        if self._builder is None and not self._records:
             return True
-        marker = _Marker(self._losses())
-        self._queue.append(marker)
-        if self._thread is None:
+        marker = _Marker(self._unwritten())
+        self._records.append(marker)
+        if self._builder is None:
             self._start()
         self._wake.set()
         if not marker.done.wait(timeout):
             return False
-        return self._losses() == marker.losses_before
+        return self._unwritten() == marker.unwritten_before
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Drain the queue and stop the thread within `timeout`. The writer restarts on use."""
-        thread = self._thread
-        if thread is None:
-            return not self._queue
+        """Write what is queued within `timeout`, spool the rest, stop the threads.
+
+        Returns True when everything was written. The writer starts again if used again.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._builder is None and not self._records:
+            self._seal_spool()
+            return True
         ok = self.flush(timeout)
+        if not ok and (deadline is None or time.monotonic() >= deadline - 0.05):
+            self._abort.set()  # out of time: the sender stops retrying
+            self.spool_memory()
         self._stopping = True
         self._wake.set()
-        thread.join(0.5 if timeout is None else max(0.0, min(timeout, 0.5)))
+        with self._cond:
+            self._cond.notify_all()
+        for thread in (self._builder, self._sender):
+            if thread is not None and thread is not threading.current_thread():
+                left = 0.2 if deadline is None else deadline - time.monotonic()
+                thread.join(max(0.0, min(0.2, left)))
+        self._seal_spool()
         return ok
 
+    def spool_memory(self) -> int:
+        """Move every row still in memory (queued, buffered, in flight) to the spool.
+
+        Used when a deadline runs out. A row in flight may still reach BigQuery as well;
+        the spool then holds a copy with the same event id, which dedup removes on read.
+        """
+        markers: list[_Marker] = []
+        with self._cond:
+            rows = [item for item, _ in self._rows if not isinstance(item, _Marker)]
+            markers = [item for item, _ in self._rows if isinstance(item, _Marker)]
+            self._rows.clear()
+            self._rows_bytes = 0
+            rows.extend(self._inflight)
+            self._inflight_taken = True
+        while True:
+            try:
+                item = self._records.popleft()
+            except IndexError:
+                break
+            if isinstance(item, _Marker):
+                markers.append(item)
+            else:
+                self._count("accepted", 1)
+                rows.append(build_row(item, self.settings))
+        self._to_spool(rows)
+        for marker in markers:
+            marker.done.set()
+        return len(rows)
+
     def stats(self) -> dict[str, Any]:
-        """Counters: accepted, written, failed, dropped, retried, batches, queued, last_error."""
+        """Counters, the queue and buffer sizes, spool state, the last error."""
         out: dict[str, Any] = dict(self.counters)
-        out["queued"] = sum(1 for item in list(self._queue) if not isinstance(item, _Marker))
+        out["queued"] = sum(1 for i in list(self._records) if not isinstance(i, _Marker)) + sum(
+            1 for i, _ in list(self._rows) if not isinstance(i, _Marker)
+        )
+        out["bigquery_down"] = self._down
+        out["spool_bytes"] = self.spool.size_bytes() if self.spool else 0
         out["last_error"] = self.last_error
         out["last_write_time"] = self.last_write_time
         return out
 
-    # -- internals -------------------------------------------------------------------------
+    # -- bookkeeping -----------------------------------------------------------------------
 
-    def _losses(self) -> int:
+    def _unwritten(self) -> int:
         c = self.counters
-        return c["failed"] + c["dropped"]
+        return c["spooled"] + c["dead_lettered"] + c["dropped"]
 
-    def _lose(self, counter: str, n: int, why: str) -> None:
+    def _count(self, counter: str, n: int, error: str | None = None) -> None:
         with self._lock:
             self.counters[counter] += n
-            self.last_error = why
+            if error:
+                self.last_error = error
+        if error:
+            self._warn(counter, f"langchain-bq-audit: {n} rows {counter}: {error}")
+
+    def _warn(self, key: str, message: str) -> None:
+        """Log a warning at most once a minute per kind, never once per row."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._warned[key] = now
+            logger.warning(message)
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is not None:
+            if self._builder is not None:
                 return
             self._stopping = False
-            thread = threading.Thread(
-                target=self._run, name=f"bq-audit-writer:{self.settings.table}", daemon=True
-            )
+            self._abort.clear()
+            self._generation += 1
+            gen = self._generation
+            name = self.settings.table
+            builder = threading.Thread(target=self._build_loop, name=f"bq-audit-build:{name}",
+                                       daemon=True)  # fmt: skip
+            sender = threading.Thread(target=self._send_loop, args=(gen,),
+                                      name=f"bq-audit-send:{name}", daemon=True)  # fmt: skip
             try:
-                thread.start()
+                builder.start()
+                sender.start()
             except RuntimeError:  # interpreter shutting down: nothing can be started now
                 return
-            self._thread = thread
+            self._builder, self._sender = builder, sender
 
-    def _run(self) -> None:
+    def _seal_spool(self) -> None:
+        if self.spool is not None:
+            with contextlib.suppress(OSError):
+                self.spool.seal()
+
+    def _to_spool(self, rows: list[dict[str, Any]]) -> None:
+        """Spool rows; what the spool cannot take (disabled, full, disk error) is dropped."""
+        if not rows:
+            return
+        taken = 0
+        error = "spool disabled"
+        if self.spool is not None:
+            try:
+                taken = self.spool.append(rows)
+                error = "spool full"
+            except OSError as exc:
+                error = f"spool error: {exc}"
+        if taken:
+            self._count("spooled", taken)
+        if taken < len(rows):
+            self._count("dropped", len(rows) - taken, error)
+
+    # -- builder thread --------------------------------------------------------------------
+
+    def _build_loop(self) -> None:
         wait = min(self.settings.batch_age_s, self._sweep_every)
         next_sweep = time.monotonic() + self._sweep_every
         while True:
@@ -159,47 +285,128 @@ class Writer:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self._sweep_every
                     self._sweep()
-                self._drain()
+                self._build()
             except Exception as exc:  # never let the thread die: count and carry on
                 self.last_error = f"writer error: {exc!r}"
-                logger.warning("langchain-bq-audit writer error: %r", exc)
-            if self._stopping and not self._queue:
+                self._warn("builder", f"langchain-bq-audit builder error: {exc!r}")
+            if self._stopping and not self._records:
                 with self._lock:
-                    # `submit` appends before it looks at `_thread`, so a row queued now
-                    # is either seen here or finds `_thread` None and starts a new thread.
-                    if self._queue:
+                    # `submit` appends before it looks at `_builder`, so a row queued now
+                    # is either seen here or finds `_builder` None and starts new threads.
+                    if self._records:
                         continue
-                    self._thread = None
-                    self._stopping = False
+                    self._builder = None
                     return
 
     def _sweep(self) -> None:
         now = time.time()
         for tracker in list(self._trackers):
             for record in tracker.sweep(now):
-                self._queue.append(record)
+                self._records.append(record)
 
-    def _drain(self) -> None:
-        queue = self._queue
+    def _build(self) -> None:
+        records = self._records
         settings = self.settings
-        max_rows, max_bytes = settings.batch_rows, settings.batch_bytes
-        while queue:
-            rows: list[dict[str, Any]] = []
+        limit = settings.max_buffer_bytes
+        spill: list[dict[str, Any]] = []
+        while records:
+            try:
+                item = records.popleft()
+            except IndexError:  # emptied by spool_memory meanwhile
+                break
+            if isinstance(item, _Marker):
+                self._to_spool(spill)  # rows before the marker are settled before it passes
+                spill = []
+                with self._cond:
+                    self._rows.append((item, 0))
+                    self._cond.notify()
+                continue
+            self.counters["accepted"] += 1
+            row = build_row(item, settings)
+            size = row_size(row)
+            with self._cond:
+                if self._down or self._abort.is_set() or self._rows_bytes + size > limit:
+                    spill.append(row)
+                else:
+                    self._rows.append((row, size))
+                    self._rows_bytes += size
+                    if len(self._rows) >= self._batch_rows:
+                        self._cond.notify()
+            if len(spill) >= self._batch_rows:
+                self._to_spool(spill)
+                spill = []
+        self._to_spool(spill)
+        with self._cond:
+            self._cond.notify()
+
+    # -- sender thread ---------------------------------------------------------------------
+
+    def _send_loop(self, gen: int) -> None:
+        self._replay()  # rows an earlier process (or an earlier outage) left behind
+        while True:
+            batch: list[dict[str, Any]] = []
             markers: list[_Marker] = []
-            size = 0
-            while queue and len(rows) < max_rows and size < max_bytes:
-                item = queue.popleft()
-                if isinstance(item, _Marker):
-                    markers.append(item)
-                    continue
-                self.counters["accepted"] += 1
-                row = build_row(item, settings)
-                rows.append(row)
-                size += row_size(row)
-            if rows:
-                self._write_batch(rows)
-            for marker in markers:
-                marker.done.set()
+            with self._cond:
+                if not self._rows:
+                    if gen != self._generation or (self._stopping and self._builder is None):
+                        return
+                    self._cond.wait(self._probe_wait if self._down else 1.0)
+                size = 0
+                while self._rows and len(batch) < self._batch_rows:
+                    item, item_size = self._rows[0]
+                    if isinstance(item, _Marker):
+                        if batch:
+                            break  # send what is before the marker first
+                        self._rows.popleft()
+                        markers.append(item)
+                        continue
+                    if batch and size + item_size > self.settings.batch_bytes:
+                        break
+                    self._rows.popleft()
+                    self._rows_bytes -= item_size
+                    batch.append(item)
+                    size += item_size
+                self._inflight = batch
+                self._inflight_taken = False
+            try:
+                if batch:
+                    self._send_batch(batch)
+                if not self._stopping and time.monotonic() >= self._next_probe:
+                    self._replay()
+            except Exception as exc:  # never let the thread die
+                self.last_error = f"sender error: {exc!r}"
+                self._warn("sender", f"langchain-bq-audit sender error: {exc!r}")
+            finally:
+                with self._cond:
+                    self._inflight = []
+                for marker in markers:
+                    marker.done.set()
+
+    def _send_batch(self, batch: list[dict[str, Any]]) -> None:
+        if self._abort.is_set() or (self._down and time.monotonic() < self._next_probe):
+            written = False
+        else:  # while down, a batch due for a probe gets one attempt
+            written = self._deliver(batch, once=self._down)
+        if not written:
+            with self._cond:
+                taken = self._inflight_taken  # already spooled by `spool_memory`
+            if not taken:
+                self._to_spool(batch)
+
+    def _mark_down(self, error: str) -> None:
+        if not self._down:
+            self._down = True
+            self._probe_wait = _PROBE_FIRST_S
+            self._warn("down", f"langchain-bq-audit: BigQuery unreachable, spooling: {error}")
+        else:
+            self._probe_wait = min(self._probe_wait * 2, _PROBE_MAX_S)
+        self._next_probe = time.monotonic() + self._probe_wait
+
+    def _mark_up(self) -> None:
+        if self._down:
+            self._down = False
+            self._probe_wait = _PROBE_FIRST_S
+            self._next_probe = 0.0
 
     def _ensure_sink(self) -> Any:
         if self._sink is None:
@@ -210,19 +417,27 @@ class Writer:
             if self._client is None:
                 self._client = make_client(self.settings)
             self._sink = InsertAllSink(
-                self._client,
-                table_id(self._client, self.settings),
+                self._client, table_id(self._client, self.settings),
                 self.settings.request_timeout_s,
-            )
+            )  # fmt: skip
         if not self._provisioned and self.settings.auto_create:
             from .provision import ensure_table
 
-            ensure_table(self._client, self.settings, timeout=self.settings.request_timeout_s)
+            ensure_table(
+                self._client, self.settings, timeout=self.settings.request_timeout_s, retry=False
+            )
             self._provisioned = True
         return self._sink
 
-    def _write_batch(self, rows: list[dict[str, Any]]) -> None:
-        """Write one batch with bounded retries; count what is written and what is lost."""
+    def _deliver(
+        self, rows: list[dict[str, Any]], *, replay: bool = False, once: bool = False
+    ) -> bool:
+        """Write rows with bounded retries. True when each was written or dead-lettered.
+
+        False means BigQuery could not be reached within the batch deadline (or one attempt,
+        with `once`, or shutdown cut it short): the caller keeps the rows (spools them, or
+        leaves them spooled).
+        """
         from .sinks.base import PermanentError, RetryableError, TableMissingError
 
         self.counters["batches"] += 1
@@ -237,46 +452,95 @@ class Writer:
                 self._provisioned = False
                 error = f"table missing: {exc}"
             except PermanentError as exc:
-                self._lose("failed", len(pending), f"permanent error: {exc}")
-                logger.warning("langchain-bq-audit: %d rows rejected: %s", len(pending), exc)
-                return
+                self._dead_letter(pending, [str(exc)] * len(pending))
+                self._mark_up()
+                return True
             except (RetryableError, OSError) as exc:
                 error = str(exc)
             except Exception as exc:  # client construction, provisioning, credentials...
                 error = f"{type(exc).__name__}: {exc}"
             else:
+                self._mark_up()
                 invalid = {i: e for i, e in errors.items() if e}
                 written = len(pending) - len(errors)
-                self.counters["written"] += written
+                self._count("written", written)
+                if replay:
+                    self._count("replayed", written)
                 if written:
                     self.last_write_time = time.time()
                 if invalid:
-                    first = next(iter(invalid.values()))
-                    self._lose("failed", len(invalid), f"row rejected: {first}")
-                    logger.warning("langchain-bq-audit: %d rows rejected: %s", len(invalid), first)
+                    self._dead_letter([pending[i] for i in invalid], list(invalid.values()))
                 # rows 'stopped' only because a neighbour was invalid are sent again
                 pending = [pending[i] for i, e in errors.items() if not e]
                 continue
             self.last_error = error
             wait = backoff * (0.5 + random.random())  # jitter spreads retries of many writers
-            if time.monotonic() + wait >= deadline or (self._stopping and self._deadline_hit()):
-                self._lose("failed", len(pending), f"gave up after retries: {error}")
-                logger.warning("langchain-bq-audit: %d rows not written: %s", len(pending), error)
-                return
-            self.counters["retried"] += 1
-            time.sleep(wait)
+            if once or time.monotonic() + wait >= deadline or self._abort.is_set():
+                self._mark_down(error)
+                return False
+            self._count("retried", len(pending))
+            if self._abort.wait(wait):
+                self._mark_down(error)
+                return False
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        return True
 
-    def _deadline_hit(self) -> bool:
-        return _shutdown_deadline is not None and time.monotonic() >= _shutdown_deadline
+    def _dead_letter(self, rows: list[dict[str, Any]], errors: list[str]) -> None:
+        stored = False
+        if self.spool is not None:
+            try:
+                self.spool.dead_letter(rows, errors)
+                stored = True
+            except OSError as exc:
+                errors = [f"{e} (dead-letter write failed: {exc})" for e in errors]
+        self._count("dead_lettered" if stored else "dropped", len(rows), f"rejected: {errors[0]}")
+
+    # -- replay ----------------------------------------------------------------------------
+
+    def _replay(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Write spooled segments (oldest first) until done or BigQuery fails again."""
+        spool = self.spool
+        if spool is None:
+            return 0
+        spool.seal()  # what we spooled ourselves during an outage becomes replayable too
+        if not spool.pending():
+            return 0
+        replayed = 0
+        total = spool.size_bytes()
+        done_bytes = 0
+        for contents, done in spool.claim():
+            if self._stopping or self._abort.is_set():
+                break
+            if contents.corrupt:
+                self._count("corrupt_spool_records", contents.corrupt, "torn spool record skipped")
+            ok = True
+            for start in range(0, len(contents.records), self._batch_rows):
+                chunk = contents.records[start : start + self._batch_rows]
+                if not self._deliver(chunk, replay=True, once=self._down):
+                    ok = False
+                    break
+                replayed += len(chunk)
+            if not ok:
+                break
+            done_bytes += done()
+            if progress is not None:
+                progress(done_bytes, total)
+        return replayed
+
+    def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Replay the spool in the calling thread (what `bq-audit replay` does)."""
+        if self.spool is not None:
+            self._seal_spool()
+        self._mark_up()
+        return self._replay(progress)
 
 
-# -- one writer per process and destination ---------------------------------------------------
+# -- one writer per process and destination; exit, signal and fork handling -----------------
 
 _writers: dict[tuple[Any, ...], Writer] = {}
 _registry_lock = threading.Lock()
-_shutdown_deadline: float | None = None
-_atexit_registered = False
+_hooks_installed = False
+_previous_sigterm: Any = None
 
 
 def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
@@ -293,7 +557,7 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
             if client is not None:
                 # the key holds id(client): forget the writer's slot when the client dies
                 weakref.finalize(client, _writers.pop, key, None)
-            _register_atexit()
+            _install_hooks(settings)
     return writer
 
 
@@ -303,32 +567,54 @@ def all_writers() -> list[Writer]:
 
 
 def shutdown(timeout: float) -> bool:
-    """Flush and stop every writer within `timeout` seconds in total."""
-    global _shutdown_deadline
-    _shutdown_deadline = time.monotonic() + timeout
+    """Write what every writer holds within `timeout` seconds in total; spool the rest."""
+    deadline = time.monotonic() + timeout
     ok = True
     for writer in all_writers():
-        remaining = max(0.0, _shutdown_deadline - time.monotonic())
-        ok = writer.close(remaining) and ok
+        ok = writer.close(max(0.0, deadline - time.monotonic())) and ok
     return ok
 
 
+def _drain_timeout() -> float:
+    return max((w.settings.shutdown_timeout_s for w in all_writers()), default=0.0)
+
+
 def _atexit_drain() -> None:
-    timeouts = [w.settings.shutdown_timeout_s for w in all_writers()]
-    if timeouts:
-        shutdown(max(timeouts))
+    shutdown(_drain_timeout())
 
 
-def _register_atexit() -> None:
-    global _atexit_registered
-    if not _atexit_registered:
-        atexit.register(_atexit_drain)
-        _atexit_registered = True
+def _on_sigterm(signum: int, frame: Any) -> None:
+    shutdown(_drain_timeout())
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:  # the default action: die of SIGTERM, as the process would have without us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_hooks(settings: AuditSettings) -> None:
+    global _hooks_installed, _previous_sigterm
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_atexit_drain)
+    # Signal handlers can only be set from the main thread; elsewhere atexit must do.
+    if settings.handle_sigterm and threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous is not _on_sigterm:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+                _previous_sigterm = previous
+        except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+            pass
 
 
 def _after_fork_in_child() -> None:
     # The child's copies of the parent's queued rows belong to the parent, which writes
-    # them; the child starts empty, with its own thread on first use.
+    # them; the child starts empty, with threads of its own on first use.
     global _registry_lock
     _registry_lock = threading.Lock()
     for writer in _writers.values():
@@ -336,6 +622,8 @@ def _after_fork_in_child() -> None:
         writer._sink = None
         if writer._own_client:  # never share the parent's HTTP connections
             writer._client = None
+        if writer.spool is not None:
+            writer.spool.forget_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -13,6 +13,20 @@ from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.emulator import LocalBigQuery
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_spool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests (and the processes they start) spool under a folder of this session's own."""
+    import os
+
+    old = os.environ.get("BQ_AUDIT_SPOOL_DIR")
+    os.environ["BQ_AUDIT_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
+    yield
+    if old is None:
+        os.environ.pop("BQ_AUDIT_SPOOL_DIR", None)
+    else:
+        os.environ["BQ_AUDIT_SPOOL_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBigQuery]:
     bq = LocalBigQuery(tmp_path_factory.mktemp("local-bigquery"))

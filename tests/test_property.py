@@ -56,7 +56,8 @@ def test_any_input_gives_an_accepted_row(bq_client, table_name, read_rows) -> No
     run()
     assert handler.flush(timeout=60)
     stats = handler.stats()
-    assert stats["failed"] == 0, stats["last_error"]
+    assert stats["written"] == len(seen), stats["last_error"]
+    assert stats["spooled"] == stats["dead_lettered"] == stats["dropped"] == 0
     assert stats["callback_errors"] == 0
     rows = read_rows()
     assert len(rows) == len(seen)

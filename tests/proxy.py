@@ -1,0 +1,102 @@
+"""A TCP proxy on 127.0.0.1 that injects real network faults between a client and a server.
+
+Modes: `pass` (forward bytes), `reset` (every connection, old and new, is cut with a TCP
+RST), `stall` (connections are accepted and read, but nothing is ever answered). Switching
+mode applies to open connections too, as a real outage would to a pooled keep-alive socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+import threading
+
+
+class FaultProxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.mode = "pass"
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closing = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def host_port(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_mode(self, mode: str) -> None:
+        assert mode in ("pass", "reset", "stall")
+        self.mode = mode
+        if mode == "reset":
+            with self._lock:
+                conns = list(self._conns)
+            for conn in conns:
+                _reset(conn)
+
+    def close(self) -> None:
+        self._closing = True
+        self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            _reset(conn)
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.mode == "reset":
+                _reset(client)
+                continue
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            if self.mode == "pass":
+                upstream = socket.create_connection(self.target, timeout=5)
+            with self._lock:
+                self._conns.add(client)
+                if upstream is not None:
+                    self._conns.add(upstream)
+            while not self._closing and self.mode != "reset":
+                if self.mode == "stall" or upstream is None:
+                    # read and discard what the client sends; never answer
+                    ready, _, _ = select.select([client], [], [], 0.1)
+                    if ready and not client.recv(65536):
+                        return
+                    if self.mode == "pass" and upstream is None:
+                        return  # a stalled connection stays dead, like a real hung peer
+                    continue
+                ready, _, _ = select.select([client, upstream], [], [], 0.1)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (upstream if sock is client else client).sendall(data)
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._conns.discard(client)
+                if upstream is not None:
+                    self._conns.discard(upstream)
+            for sock in (client, upstream):
+                if sock is not None:
+                    _reset(sock)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), not a polite FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.close()
