@@ -1,7 +1,19 @@
 """langchain-bq-audit: a complete, trustworthy audit log of LangChain runs in BigQuery."""
 
+from .context import AuditContext, audit_context, disable, enable, global_handler
 from .handler import BigQueryAuditHandler
 from .settings import AuditSettings
+from .writer import flush_all as flush
 
-__all__ = ["AuditSettings", "BigQueryAuditHandler", "__version__"]
+__all__ = [
+    "AuditContext",
+    "AuditSettings",
+    "BigQueryAuditHandler",
+    "__version__",
+    "audit_context",
+    "disable",
+    "enable",
+    "flush",
+    "global_handler",
+]
 __version__ = "0.1.0"

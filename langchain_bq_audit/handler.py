@@ -16,6 +16,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from .context import current_context
 from .records import RunRecord
 from .settings import AuditSettings
 from .writer import get_writer
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
 
 logger = logging.getLogger(__name__)
+_MISSING = object()
 
 
 class BigQueryAuditHandler(BaseCallbackHandler):
@@ -38,7 +40,9 @@ class BigQueryAuditHandler(BaseCallbackHandler):
                                 "metadata": {"session_id": "s-1", "user_id": "u-7"}})
         handler.flush(timeout=10)
 
-    All handlers of one process that write to the same table share one background writer.
+    All handlers of one process that write to the same table (with the same client, or
+    none) share one background writer and one set of pending runs: a run seen by several of
+    them (a global and an explicit handler, say) gives one row. Handlers are cheap to make.
     """
 
     run_inline = True  # called in the caller's thread or event loop: no executor hop
@@ -78,15 +82,16 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         self.settings = settings
         self._writer = get_writer(settings, client)
         self._submit = self._writer.submit
-        self._runs: dict[UUID, RunRecord] = {}
-        self._max_pending = settings.max_pending_runs
+        tracker = self._writer.tracker
+        self._tracker = tracker
+        self._runs = tracker.runs  # shared by every handler of this table
+        self._max_pending = tracker.max_pending
+        self._skipped: dict[UUID, None] = {}  # runs seen here that another handler owns
         self._session_id = session_id
         self._user_id = user_id
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(
-            ("callback_errors", "untracked_runs", "unmatched_ends", "abandoned"), 0
-        )
-        self._writer.add_tracker(self)
+        self._counts = dict.fromkeys(("callback_errors", "untracked_runs", "unmatched_ends"), 0)
+        self._writer.ensure_started()  # also replays what an earlier process left spooled
 
     # -- public ---------------------------------------------------------------------------
 
@@ -99,27 +104,11 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         return self._writer.close(timeout)
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this handler and of its table's writer."""
+        """Counters of this handler and of its table's writer and pending runs."""
         out = self._writer.stats()
         out.update(self._counts)
         out["pending_runs"] = len(self._runs)
-        return out
-
-    def sweep(self, now: float) -> list[RunRecord]:
-        """Runs started more than `run_ttl_s` ago and never ended, marked `abandoned`.
-
-        Called by the writer thread. A run's end that arrives later counts as unmatched.
-        """
-        cutoff = now - self.settings.run_ttl_s
-        out = []
-        for run_id, rec in self._runs.copy().items():  # dict.copy is atomic under the GIL
-            if rec.start_time < cutoff and self._runs.pop(run_id, None) is rec:
-                rec.status = "abandoned"
-                rec.end_time = now
-                out.append(rec)
-        if out:
-            with self._lock:
-                self._counts["abandoned"] += len(out)
+        out["abandoned"] = self._tracker.abandoned
         return out
 
     # -- run tracking (hot path) --------------------------------------------------------------
@@ -140,6 +129,12 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         kwargs: dict[str, Any],
     ) -> None:
         runs = self._runs
+        if run_id in runs:  # another handler of this table saw it first: its row, not ours
+            skipped = self._skipped
+            if len(skipped) >= self._max_pending:  # ends that never come must not pile up
+                skipped.clear()
+            skipped[run_id] = None
+            return
         if len(runs) >= self._max_pending:
             self._count("untracked_runs")
             return
@@ -164,13 +159,24 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             kwargs.get("invocation_params"),
             time.time(),
         )
-        rec.session_id = self._session_id
-        rec.user_id = self._user_id
+        ctx = current_context.get()
+        if ctx is None:
+            rec.session_id = self._session_id
+            rec.user_id = self._user_id
+        else:
+            rec.context = ctx
+            rec.session_id = ctx.session_id or self._session_id
+            rec.user_id = ctx.user_id or self._user_id
+        rec.owner = self
         runs[run_id] = rec
 
     def _end(self, run_id: UUID, outputs: Any, error: BaseException | None, kwargs: Any) -> None:
-        rec = self._runs.pop(run_id, None)
-        if rec is None:
+        rec = self._runs.get(run_id)
+        if rec is None or rec.owner is not self:
+            if self._skipped.pop(run_id, _MISSING) is _MISSING:
+                self._count("unmatched_ends")  # no start seen, a second end, or swept
+            return  # else: the run is another handler's to end
+        if self._runs.pop(run_id, None) is None:  # swept as abandoned a moment ago
             self._count("unmatched_ends")
             return
         rec.end_time = time.time()

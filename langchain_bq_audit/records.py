@@ -14,6 +14,7 @@ class RunRecord:
     """One run, filled in by start and end callbacks."""
 
     __slots__ = (
+        "context",
         "end_time",
         "error",
         "first_token_time",
@@ -22,6 +23,7 @@ class RunRecord:
         "metadata",
         "name",
         "outputs",
+        "owner",
         "parent_run_id",
         "run_id",
         "run_type",
@@ -64,6 +66,8 @@ class RunRecord:
         self.outputs: Any = None
         self.error: BaseException | None = None
         self.status = "ok"
-        # Handler-level defaults; metadata wins over them when rows are built.
+        # Defaults from `audit_context` or the handler; metadata wins when rows are built.
         self.session_id: str | None = None
         self.user_id: str | None = None
+        self.context: Any = None  # the `AuditContext` active at the run's start, if any
+        self.owner: Any = None  # the handler that saw the start; only it ends the run

@@ -475,9 +475,24 @@ def _status(rec: RunRecord) -> str:
     return rec.status
 
 
+def _metadata(rec: RunRecord) -> Mapping[str, Any] | None:
+    """The run's metadata over its `audit_context`'s (the run's own keys win)."""
+    ctx = rec.context
+    if ctx is None or not ctx.metadata:
+        return rec.metadata
+    return {**ctx.metadata, **(rec.metadata or {})}
+
+
+def _tags(rec: RunRecord) -> list[str]:
+    tags = list(rec.tags or ())
+    if rec.context is not None:
+        tags += [t for t in rec.context.tags if t not in tags]
+    return [clean_text(str(t)) for t in tags]
+
+
 def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     end = rec.end_time if rec.end_time is not None else rec.start_time
-    session, user = resolve_session_user(rec.metadata, rec.session_id, rec.user_id)
+    session, user = resolve_session_user(_metadata(rec), rec.session_id, rec.user_id)
     return {
         "timestamp": iso(end),
         "input_text": "",
@@ -493,7 +508,7 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         "status": _status(rec),
         "start_time": iso(rec.start_time),
         "latency_ms": round((end - rec.start_time) * 1000.0, 3),
-        "tags": [clean_text(str(t)) for t in rec.tags] if rec.tags else [],
+        "tags": _tags(rec),
         "app_name": settings.app_name,
         "environment": settings.environment,
     }
@@ -503,8 +518,9 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     row = _identity(rec, settings)
     if rec.first_token_time is not None:
         row["time_to_first_token_ms"] = round((rec.first_token_time - rec.start_time) * 1000, 3)
-    if rec.metadata:
-        row["metadata"] = dumps(to_jsonable(rec.metadata))
+    metadata = _metadata(rec)
+    if metadata:
+        row["metadata"] = dumps(to_jsonable(metadata))
     if rec.run_type in ("llm", "chat_model"):
         _model_row(rec, row)
     elif rec.run_type == "retriever":

@@ -35,6 +35,7 @@ from .records import RunRecord
 from .rows import build_row, row_size
 from .settings import AuditSettings
 from .spool import Spool, default_spool_dir
+from .tracker import RunTracker
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Writer:
         self._provisioned = False
         self._max_queue = settings.max_queue_rows
         self._batch_rows = settings.batch_rows
-        self._trackers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
         self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
         self.destination = f"{project_hint(settings, client)}.{settings.dataset}.{settings.table}"
         self.spool: Spool | None = None
@@ -118,13 +119,8 @@ class Writer:
 
     # -- control ---------------------------------------------------------------------------
 
-    def add_tracker(self, tracker: Any) -> None:
-        """Sweep `tracker` (an object with `sweep(now) -> [RunRecord]`) for abandoned runs.
-
-        Held weakly; the builder calls it every `run_ttl_s / 4` (at most every 60 s).
-        Starting the threads here also replays what an earlier process left in the spool.
-        """
-        self._trackers.add(tracker)
+    def ensure_started(self) -> None:
+        """Start the threads if they are not running (which replays an earlier spool)."""
         if self._builder is None:
             self._start()
 
@@ -299,10 +295,7 @@ class Writer:
                     return
 
     def _sweep(self) -> None:
-        now = time.time()
-        for tracker in list(self._trackers):
-            for record in tracker.sweep(now):
-                self._records.append(record)
+        self._records.extend(self.tracker.sweep(time.time()))
 
     def _build(self) -> None:
         records = self._records
@@ -566,6 +559,16 @@ def all_writers() -> list[Writer]:
     return list(_writers.values())
 
 
+def flush_all(timeout: float | None = 10.0) -> bool:
+    """Flush every writer of this process within `timeout` seconds in total."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ok = True
+    for writer in all_writers():
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ok = writer.flush(left) and ok
+    return ok
+
+
 def shutdown(timeout: float) -> bool:
     """Write what every writer holds within `timeout` seconds in total; spool the rest."""
     deadline = time.monotonic() + timeout
@@ -619,6 +622,7 @@ def _after_fork_in_child() -> None:
     _registry_lock = threading.Lock()
     for writer in _writers.values():
         writer._reset_process_state()
+        writer.tracker.forget()
         writer._sink = None
         if writer._own_client:  # never share the parent's HTTP connections
             writer._client = None
