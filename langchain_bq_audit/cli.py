@@ -92,8 +92,34 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .client import make_client
+    from .provision import SchemaMismatchError, ensure_table
+
+    settings = _settings_from(args, location=args.location, retention_days=args.retention_days,
+                              labels=args.labels)  # fmt: skip
+    client = make_client(settings)
+    try:
+        report = ensure_table(client, settings, timeout=args.timeout)
+    except SchemaMismatchError as exc:
+        print(f"bq-audit: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
-    print(schema.to_markdown() if args.format == "markdown" else schema.to_json())
+    if args.format == "markdown":
+        print(schema.to_markdown())
+    elif args.format == "sql":
+        from .settings import AuditSettings
+
+        settings = AuditSettings.from_env(dataset=args.dataset, table=args.table)
+        project = args.project or settings.project or "PROJECT"
+        print(schema.to_ddl(f"{project}.{settings.dataset}.{settings.table}",
+                            args.retention_days))  # fmt: skip
+    else:
+        print(schema.to_json())
     return 0
 
 
@@ -151,8 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--spool-dir", help="spool root (default: user cache dir)")
     rep.set_defaults(func=_cmd_replay)
 
-    sch = add("schema", "Print the audit table's schema.", "bq-audit schema --format markdown")
-    sch.add_argument("--format", choices=("json", "markdown"), default="json")
+    ini = add(
+        "init",
+        "Create the dataset, table and views if missing; add columns an older table lacks.",
+        "bq-audit init --project my-project --retention-days 400 --labels team=ml",
+    )
+    ini.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
+    _add_destination(ini)
+    ini.add_argument("--location", help="dataset location (default: US)")
+    ini.add_argument("--retention-days", type=int, help="partition expiration (default: none)")
+    ini.add_argument("--labels", help="extra labels, key=value,key=value")
+    ini.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    ini.set_defaults(func=_cmd_init)
+
+    sch = add(
+        "schema",
+        "Print the audit table's schema: JSON for `bq mk`, Markdown for docs, or SQL DDL.",
+        "bq-audit schema --format sql --project my-project | bq query --use_legacy_sql=false",
+    )
+    sch.add_argument("--format", choices=("json", "markdown", "sql"), default="json")
+    _add_destination(sch)
+    sch.add_argument("--retention-days", type=int, help="with --format sql: partition expiration")
     sch.set_defaults(func=_cmd_schema)
     return parser
 

@@ -1,11 +1,46 @@
-"""Idempotent creation of the audit dataset and table from `schema.py`."""
+"""Idempotent provisioning from `schema.py`: dataset, table, views, additive migration.
+
+Used by `bq-audit init` and by the writer before its first write. A table made by an older
+version (or by the seed's five-column Pulumi program) gets the missing columns added as
+NULLABLE, leaving its rows alone; a column of the wrong type stops with an error naming it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import schema
+from . import schema, views
 from .settings import AuditSettings
+
+
+class SchemaMismatchError(Exception):
+    """The existing table has a column whose type differs from `schema.py`'s."""
+
+
+@dataclass
+class ProvisionReport:
+    """What `ensure_table` found and did."""
+
+    table_id: str
+    created_dataset: bool = False
+    created_table: bool = False
+    added_columns: list[str] = field(default_factory=list)
+    views: dict[str, str] = field(default_factory=dict)  # view id -> created/updated/ok
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """A readable account, one line a fact."""
+        dataset = self.table_id.rsplit(".", 1)[0]
+        out = [f"dataset {dataset}: {'created' if self.created_dataset else 'exists'}"]
+        if self.created_table:
+            out.append(f"table {self.table_id}: created")
+        elif self.added_columns:
+            out.append(f"table {self.table_id}: added columns {', '.join(self.added_columns)}")
+        else:
+            out.append(f"table {self.table_id}: up to date")
+        out += [f"view {name}: {state}" for name, state in self.views.items()]
+        return out + [f"note: {note}" for note in self.notes]
 
 
 def table_id(client: Any, settings: AuditSettings) -> str:
@@ -14,50 +49,124 @@ def table_id(client: Any, settings: AuditSettings) -> str:
 
 
 def build_table(client: Any, settings: AuditSettings) -> Any:
-    """The `bigquery.Table` definition: schema, DAY partitioning, clustering, description."""
+    """The `bigquery.Table` of `schema.table_definition`: schema, partitioning, clustering,
+    retention, labels, description."""
     from google.cloud import bigquery
 
+    spec = schema.table_definition(settings.retention_days, settings.label_map)
     table = bigquery.Table(table_id(client, settings), schema=schema.to_schema_fields())
+    part = spec["time_partitioning"]
     table.time_partitioning = bigquery.TimePartitioning(
-        type_=schema.PARTITION_TYPE, field=schema.PARTITION_FIELD
+        type_=part["type"], field=part["field"], expiration_ms=part["expiration_ms"]
     )
-    table.clustering_fields = list(schema.CLUSTERING_FIELDS)
-    table.description = schema.TABLE_DESCRIPTION
+    table.clustering_fields = spec["clustering"]
+    table.description = spec["description"]
+    table.labels = spec["labels"]
     return table
 
 
-DEDUP_SUFFIX = "_dedup"
+def missing_columns(existing: list[Any]) -> tuple[list[Any], list[str]]:
+    """Columns of `schema.py` absent from `existing` SchemaFields, and type mismatches."""
+    from google.cloud import bigquery
 
-
-def dedup_view_sql(full_table_id: str) -> str:
-    """One row per event id: replays and retries can write a row twice, reads stay exact."""
-    return (
-        "SELECT * EXCEPT(_copy) FROM (\n"
-        "  SELECT *, ROW_NUMBER() OVER (PARTITION BY event_id ORDER BY timestamp) AS _copy\n"
-        f"  FROM `{full_table_id}`\n"
-        ") WHERE _copy = 1"
-    )
+    have = {f.name.lower(): f for f in existing}
+    add, wrong = [], []
+    for col in schema.COLUMNS:
+        found = have.get(col.name.lower())
+        if found is None:
+            # a column added to an existing table cannot be REQUIRED
+            mode = "REPEATED" if col.mode == "REPEATED" else "NULLABLE"
+            add.append(bigquery.SchemaField(col.name, col.type, mode=mode,
+                                            description=col.description))  # fmt: skip
+        elif schema.normalize_type(found.field_type) != col.type:
+            wrong.append(
+                f"{found.name} is {schema.normalize_type(found.field_type)}, expected {col.type}"
+            )
+    return add, wrong
 
 
 def ensure_table(
     client: Any, settings: AuditSettings, timeout: float = 30.0, retry: bool = True
-) -> None:
-    """Create the dataset (in `settings.location`), the table and its dedup view if missing.
+) -> ProvisionReport:
+    """Create what is missing (dataset, table, views) and migrate an older table.
 
     Each request times out after `timeout`; with `retry`, transient errors are retried for
     up to `timeout` too (the writer passes False: its own retry loop bounds the time).
+    Raises `SchemaMismatchError` when a column has the wrong type.
     """
+    from google.api_core.exceptions import Conflict, NotFound
     from google.cloud import bigquery
 
-    retry_policy = bigquery.DEFAULT_RETRY.with_deadline(timeout) if retry else None
-    dataset = bigquery.Dataset(f"{settings.project or client.project}.{settings.dataset}")
-    dataset.location = settings.location
-    dataset.description = schema.DATASET_DESCRIPTION
-    client.create_dataset(dataset, exists_ok=True, retry=retry_policy, timeout=timeout)
+    opts: dict[str, Any] = {
+        "retry": bigquery.DEFAULT_RETRY.with_deadline(timeout) if retry else None,
+        "timeout": timeout,
+    }
     full_id = table_id(client, settings)
-    client.create_table(build_table(client, settings), exists_ok=True, retry=retry_policy,
-                        timeout=timeout)  # fmt: skip
-    view = bigquery.Table(full_id + DEDUP_SUFFIX)
-    view.view_query = dedup_view_sql(full_id)
-    view.description = f"{settings.table} with one row per event_id (retries and replays removed)."
-    client.create_table(view, exists_ok=True, retry=retry_policy, timeout=timeout)
+    report = ProvisionReport(full_id)
+
+    dataset_id = full_id.rsplit(".", 1)[0]
+    try:
+        client.get_dataset(dataset_id, **opts)
+    except NotFound:
+        dataset = bigquery.Dataset(dataset_id)
+        dataset.location = settings.location
+        dataset.description = schema.DATASET_DESCRIPTION
+        dataset.labels = {**schema.DEFAULT_LABELS, **settings.label_map}
+        dataset.default_partition_expiration_ms = schema.retention_ms(settings.retention_days)
+        try:
+            client.create_dataset(dataset, **opts)
+            report.created_dataset = True
+        except Conflict:  # another process made it a moment ago
+            pass
+
+    try:
+        table = client.get_table(full_id, **opts)
+    except NotFound:
+        try:
+            client.create_table(build_table(client, settings), **opts)
+            report.created_table = True
+        except Conflict:
+            table = client.get_table(full_id, **opts)
+    if not report.created_table:
+        add, wrong = missing_columns(list(table.schema))
+        if wrong:
+            raise SchemaMismatchError(
+                f"table {full_id} does not match the audit schema: {'; '.join(wrong)}. "
+                "Fix or rename those columns, or write to another table (BQ_AUDIT_TABLE)."
+            )
+        if add:
+            table.schema = list(table.schema) + add
+            client.update_table(table, ["schema"], **opts)
+            report.added_columns = [f.name for f in add]
+        if table.time_partitioning is None:
+            report.notes.append(
+                f"{full_id} is not partitioned (made by an older tool); BigQuery cannot "
+                "partition a table in place: copy it into a new table to get partitioning"
+            )
+
+    for view_id, (query, description) in views.view_queries(full_id).items():
+        report.views[view_id] = _ensure_view(client, view_id, query, description, opts)
+    return report
+
+
+def _ensure_view(client: Any, view_id: str, query: str, description: str,
+                 opts: dict[str, Any]) -> str:  # fmt: skip
+    from google.api_core.exceptions import Conflict, NotFound
+    from google.cloud import bigquery
+
+    try:
+        view = client.get_table(view_id, **opts)
+    except NotFound:
+        view = bigquery.Table(view_id)
+        view.view_query = query
+        view.description = description
+        try:
+            client.create_table(view, **opts)
+        except Conflict:
+            return "ok"
+        return "created"
+    if view.view_query != query:
+        view.view_query = query
+        client.update_table(view, ["view_query"], **opts)
+        return "updated"
+    return "ok"

@@ -82,6 +82,40 @@ TABLE_DESCRIPTION = (
     "Audit log of LLM, chat model, chain, tool and retriever runs (one row per run)."
 )
 DATASET_DESCRIPTION = "Dataset to store logs of large language model inferences"
+DEFAULT_LABELS: dict[str, str] = {"managed-by": "langchain-bq-audit"}
+_MS_PER_DAY = 86_400_000
+
+# BigQuery reports some types by their legacy names; these are the same type.
+TYPE_ALIASES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL", "RECORD": "STRUCT"}
+
+
+def normalize_type(type_name: str) -> str:
+    """A BigQuery type name in its standard SQL spelling (INTEGER -> INT64, ...)."""
+    upper = type_name.upper()
+    return TYPE_ALIASES.get(upper, upper)
+
+
+def retention_ms(retention_days: int | None) -> int | None:
+    """Partition expiration in milliseconds; None keeps partitions forever."""
+    return None if retention_days is None else retention_days * _MS_PER_DAY
+
+
+def table_definition(
+    retention_days: int | None = None, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The whole table as plain data: what `bq-audit init`, the writer and the Pulumi
+    component all build, and what the tests compare them against."""
+    return {
+        "schema": to_api_json(),
+        "time_partitioning": {
+            "type": PARTITION_TYPE,
+            "field": PARTITION_FIELD,
+            "expiration_ms": retention_ms(retention_days),
+        },
+        "clustering": list(CLUSTERING_FIELDS),
+        "description": TABLE_DESCRIPTION,
+        "labels": {**DEFAULT_LABELS, **(labels or {})},
+    }
 
 
 def to_api_json() -> list[dict[str, Any]]:
@@ -102,6 +136,30 @@ def to_markdown() -> str:
     lines = ["| column | type | mode | description |", "|---|---|---|---|"]
     lines += [f"| `{c.name}` | {c.type} | {c.mode} | {c.description} |" for c in COLUMNS]
     return "\n".join(lines)
+
+
+def to_ddl(full_table_id: str, retention_days: int | None = None) -> str:
+    """`CREATE TABLE IF NOT EXISTS` for the table, in BigQuery's SQL."""
+
+    def esc(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"')
+
+    cols = []
+    for c in COLUMNS:
+        type_ = f"ARRAY<{c.type}>" if c.mode == _REP else c.type
+        not_null = " NOT NULL" if c.mode == _R else ""
+        cols.append(f'  `{c.name}` {type_}{not_null} OPTIONS(description="{esc(c.description)}")')
+    options = [f'description="{esc(TABLE_DESCRIPTION)}"']
+    if retention_days is not None:
+        options.append(f"partition_expiration_days={retention_days}")
+    labels = ", ".join(f'("{k}", "{v}")' for k, v in DEFAULT_LABELS.items())
+    options.append(f"labels=[{labels}]")
+    return (
+        f"CREATE TABLE IF NOT EXISTS `{full_table_id}` (\n" + ",\n".join(cols) + "\n)\n"
+        f"PARTITION BY DATE(`{PARTITION_FIELD}`)\n"
+        f"CLUSTER BY {', '.join(CLUSTERING_FIELDS)}\n"
+        f"OPTIONS({', '.join(options)});"
+    )
 
 
 def to_schema_fields() -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from .schema import DEFAULT_DATASET, DEFAULT_LOCATION, DEFAULT_TABLE
 
 ENV_PREFIX = "BQ_AUDIT_"
+_LABEL = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -27,7 +30,12 @@ class AuditSettings:
     emulator_host: str | None = None
     """Endpoint of a local BigQuery (e.g. 127.0.0.1:9050); also read from BIGQUERY_EMULATOR_HOST."""
     auto_create: bool = True
-    """Create the dataset and table on the writer's first write if they are missing."""
+    """Create the dataset, table and views on the writer's first write if they are missing,
+    and add columns a table made by an older version lacks."""
+    retention_days: int | None = None
+    """Days a partition (a day of rows) is kept when the table is created; None: forever."""
+    labels: str | None = None
+    """Extra labels for the dataset and table, as `key=value,key=value`."""
 
     batch_rows: int = 500
     batch_bytes: int = 5_000_000
@@ -77,6 +85,9 @@ class AuditSettings:
         for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s", "run_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.retention_days is not None and self.retention_days < 1:
+            raise ValueError(f"retention_days must be at least 1, got {self.retention_days!r}")
+        self.label_map  # noqa: B018 - validates the labels early, with a clear message
         if self.shutdown_timeout_s < 0:
             raise ValueError("shutdown_timeout_s must not be negative")
         for name in ("dataset", "table"):
@@ -115,6 +126,22 @@ class AuditSettings:
         return (self.project, self.dataset, self.table, self.emulator_endpoint)
 
     @property
+    def label_map(self) -> dict[str, str]:
+        """`labels` as a dict; keys and values as BigQuery allows them."""
+        out: dict[str, str] = {}
+        for item in (self.labels or "").split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.strip().partition("=")
+            if not sep or not _LABEL.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+                raise ValueError(
+                    f"labels: {item.strip()!r} is not key=value with lowercase letters, digits, "
+                    "'_' and '-' (a key starts with a letter), at most 63 characters each"
+                )
+            out[key] = value
+        return out
+
+    @property
     def emulator_endpoint(self) -> str | None:
         """`emulator_host` as a URL (`http://` added when missing)."""
         host = self.emulator_host
@@ -125,6 +152,8 @@ class AuditSettings:
 
 def _parse(name: str, type_name: str, raw: str) -> Any:
     var = ENV_PREFIX + name.upper()
+    if not raw.strip() and "None" in type_name:
+        return None
     try:
         if type_name.startswith("bool"):
             lowered = raw.strip().lower()

@@ -63,6 +63,25 @@ def make_handler(bq_client: Any, table_name: str) -> Iterator[Callable[..., BigQ
         handler.close(timeout=10)
 
 
+@pytest.fixture
+def mocks() -> Iterator[Any]:
+    """Pulumi's mock runtime, recording every resource declared (see pulumi_mocks.py)."""
+    import asyncio
+
+    import pulumi
+
+    from .pulumi_mocks import PROJECT, Recorder
+
+    # Pulumi's runtime wants a current event loop; `asyncio.run` elsewhere leaves none.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    recorder = Recorder()
+    pulumi.runtime.set_mocks(recorder, project=PROJECT, stack="test", preview=False)
+    yield recorder
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
 def query(client: Any, sql: str, **params: Any) -> list[dict[str, Any]]:
     """Run a query with named STRING/INT64 parameters and return plain dict rows."""
     from google.cloud import bigquery

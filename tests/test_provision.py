@@ -1,0 +1,233 @@
+"""Provisioning on the real local BigQuery: `bq-audit init`, the writer's first write and the
+Pulumi component build one table; seed tables migrate in place; the views answer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from google.cloud import bigquery
+from langchain_core.language_models.fake_chat_models import FakeListChatModel, GenericFakeChatModel
+from langchain_core.messages import AIMessage
+
+from langchain_bq_audit import BigQueryAuditHandler, schema
+from langchain_bq_audit.pulumi_infra import AuditLogInfra
+
+from .conftest import query
+from .pulumi_mocks import declare, pulumi_table_definition
+
+DATASET = "language_model_logging"
+SEED_SCHEMA = [  # the original Pulumi program's table
+    bigquery.SchemaField("timestamp", "TIMESTAMP", mode="REQUIRED"),
+    bigquery.SchemaField("input_text", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("output_text", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("user_id", "STRING", mode="NULLABLE"),
+    bigquery.SchemaField("session_id", "STRING", mode="NULLABLE"),
+]
+
+
+def cli(emulator: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", *args, "--endpoint", emulator.host_port],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def definition_of(table: Any) -> dict[str, Any]:
+    """A table read back from BigQuery in `schema.table_definition`'s shape."""
+    part = table.time_partitioning
+    return {
+        "schema": [
+            {"name": f.name, "type": schema.normalize_type(f.field_type), "mode": f.mode,
+             "description": f.description}
+            for f in table.schema
+        ],
+        "time_partitioning": {
+            "type": part.type_,
+            "field": part.field,
+            "expiration_ms": None if part.expiration_ms is None else int(part.expiration_ms),
+        },
+        "clustering": table.clustering_fields,
+        "description": table.description,
+        "labels": table.labels,
+    }  # fmt: skip
+
+
+def test_init_the_writer_and_pulumi_build_the_same_table(
+    emulator, bq_client, table_name, mocks
+) -> None:
+    expected = schema.table_definition(30, {"team": "ml"})
+
+    proc = cli(emulator, "init", "--table", f"{table_name}_init", "--retention-days", "30",
+               "--labels", "team=ml")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"table local.{DATASET}.{table_name}_init: created" in proc.stdout
+    by_init = bq_client.get_table(f"local.{DATASET}.{table_name}_init")
+
+    handler = BigQueryAuditHandler(client=bq_client, table=f"{table_name}_writer",
+                                   retention_days=30, labels="team=ml")  # fmt: skip
+    FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler]})
+    assert handler.flush(timeout=20)
+    by_writer = bq_client.get_table(f"local.{DATASET}.{table_name}_writer")
+
+    declare(lambda: AuditLogInfra("audit", retention_days=30, labels={"team": "ml"}))
+    (by_pulumi,) = [t for t in mocks.of_type("gcp:bigquery/table:Table") if "schema" in t]
+
+    assert definition_of(by_init) == expected
+    assert definition_of(by_writer) == expected
+    assert pulumi_table_definition(by_pulumi) == expected
+    dataset = bq_client.get_dataset(f"local.{DATASET}")
+    assert dataset.location == "US"
+    assert dataset.description == schema.DATASET_DESCRIPTION
+
+    again = cli(emulator, "init", "--table", f"{table_name}_init")  # idempotent
+    assert again.returncode == 0, again.stderr
+    assert f"table local.{DATASET}.{table_name}_init: up to date" in again.stdout
+    assert "created" not in again.stdout and "updated" not in again.stdout
+    assert definition_of(bq_client.get_table(f"local.{DATASET}.{table_name}_init")) == expected
+
+
+def make_seed_table(bq_client: Any, name: str, fields: list[Any] = SEED_SCHEMA) -> str:
+    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
+    full = f"local.{DATASET}.{name}"
+    bq_client.create_table(bigquery.Table(full, schema=fields))
+    errors = bq_client.insert_rows_json(full, [
+        {"timestamp": "2026-01-02T03:04:05+00:00", "input_text": "old question",
+         "output_text": "old answer", "user_id": "u-old", "session_id": "s-old"},
+    ])  # fmt: skip
+    assert errors == []
+    return full
+
+
+def test_init_migrates_the_seed_table_without_touching_its_rows(
+    emulator, bq_client, table_name
+) -> None:
+    full = make_seed_table(bq_client, table_name)
+    proc = cli(emulator, "init", "--table", table_name)
+    assert proc.returncode == 0, proc.stderr
+    added = [c.name for c in schema.COLUMNS[5:]]
+    assert f"added columns {', '.join(added)}" in proc.stdout
+    assert "is not partitioned" in proc.stdout  # said, since it cannot be fixed in place
+
+    table = bq_client.get_table(full)
+    assert [f.name for f in table.schema] == [c.name for c in schema.COLUMNS]
+    modes = {f.name: f.mode for f in table.schema}
+    assert modes["event_id"] == "NULLABLE" and modes["tags"] == "REPEATED"
+    assert modes["timestamp"] == "REQUIRED"  # the seed's columns keep their modes
+    (old,) = query(bq_client, f"SELECT * FROM `{full}`")
+    assert (old["input_text"], old["output_text"], old["user_id"]) == (
+        "old question", "old answer", "u-old")  # fmt: skip
+    assert old["event_id"] is None and old["tags"] == []
+
+    again = cli(emulator, "init", "--table", table_name)
+    assert "up to date" in again.stdout
+
+
+def test_the_writer_migrates_the_seed_table_on_first_start(bq_client, table_name) -> None:
+    full = make_seed_table(bq_client, table_name)
+    handler = BigQueryAuditHandler(client=bq_client, table=table_name, batch_age_s=0.05)
+    FakeListChatModel(responses=["new answer"]).invoke("new question",
+                                                       config={"callbacks": [handler]})  # fmt: skip
+    assert handler.flush(timeout=20)
+    rows = query(bq_client, f"SELECT input_text, output_text, run_type FROM `{full}` "
+                            "ORDER BY timestamp")  # fmt: skip
+    assert rows == [
+        {"input_text": "old question", "output_text": "old answer", "run_type": None},
+        {"input_text": "user: new question", "output_text": "new answer",
+         "run_type": "chat_model"},
+    ]  # fmt: skip
+    handler.close()
+
+
+def test_a_column_of_the_wrong_type_is_named(emulator, bq_client, table_name, tmp_path) -> None:
+    fields = [*SEED_SCHEMA[:3], bigquery.SchemaField("user_id", "INT64"), SEED_SCHEMA[4]]
+    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
+    bq_client.create_table(bigquery.Table(f"local.{DATASET}.{table_name}", schema=fields))
+
+    proc = cli(emulator, "init", "--table", table_name)
+    assert proc.returncode == 1
+    assert "user_id is INT64, expected STRING" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # the writer keeps the rows (spooled) and says why in its last error
+    handler = BigQueryAuditHandler(client=bq_client, table=table_name, batch_age_s=0.05,
+                                   batch_deadline_s=0.5, spool_dir=str(tmp_path))  # fmt: skip
+    FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler]})
+    assert handler.flush(timeout=20) is False
+    stats = handler.stats()
+    assert stats["spooled"] == 1 and stats["dropped"] == 0
+    assert "user_id is INT64, expected STRING" in stats["last_error"]
+    handler.close(timeout=1)
+
+
+def test_views_answer_from_rows_written_by_the_handler(bq_client, table_name, read_rows) -> None:
+    handler = BigQueryAuditHandler(client=bq_client, table=table_name, batch_age_s=0.05)
+
+    def model(tokens: int) -> Any:
+        usage = {"input_tokens": tokens, "output_tokens": 1, "total_tokens": tokens + 1}
+        msg = AIMessage("a", usage_metadata=usage, response_metadata={"model_name": "m-1"})
+        return GenericFakeChatModel(messages=iter([msg]))
+
+    def call(session: str, user: str, tokens: int) -> None:
+        meta = {"session_id": session, "user_id": user}
+        model(tokens).invoke("q", config={"callbacks": [handler], "metadata": meta})
+
+    call("s-1", "ana", 10)
+    call("s-1", "ana", 20)
+    call("s-1", "bob", 30)
+    call("s-2", "bob", 40)
+    broken = GenericFakeChatModel(messages=iter([]))  # no answer left: the call fails
+    with pytest.raises(Exception):  # noqa: B017 - which exception is LangChain's business
+        broken.invoke(
+            "boom",
+            config={"callbacks": [handler], "metadata": {"session_id": "s-2", "user_id": "bob"}},
+        )
+    assert handler.flush(timeout=20)
+    # a replayed copy of one row (same event id, as after a retry): views must not count it
+    (first,) = read_rows("prompt_tokens = 10")
+    copy = {k: v for k, v in first.items() if v is not None}
+    copy = json.loads(json.dumps(copy, default=str))
+    assert bq_client.insert_rows_json(f"local.{DATASET}.{table_name}", [copy]) == []
+    base = f"local.{DATASET}.{table_name}"
+
+    assert query(bq_client, f"SELECT COUNT(*) AS n FROM `{base}`")[0]["n"] == 6
+    assert query(bq_client, f"SELECT COUNT(*) AS n FROM `{base}_dedup`")[0]["n"] == 5
+
+    sessions = {r["session_id"]: r for r in query(bq_client, f"SELECT * FROM `{base}_sessions`")}
+    s1, s2 = sessions["s-1"], sessions["s-2"]
+    assert (s1["calls"], s1["prompt_tokens"], s1["total_tokens"], s1["errors"]) == (3, 60, 63, 0)
+    assert (s1["users"], sorted(s1["user_ids"])) == (2, ["ana", "bob"])
+    assert (s2["calls"], s2["prompt_tokens"], s2["errors"], s2["user_ids"]) == (2, 40, 1, ["bob"])
+    assert s1["first_time"] <= s1["last_time"]
+
+    usage = query(bq_client, f"SELECT * FROM `{base}_daily_usage` WHERE model_name = 'm-1' "
+                             "ORDER BY user_id")  # fmt: skip
+    assert [(u["user_id"], u["calls"], u["prompt_tokens"]) for u in usage] == [
+        ("ana", 2, 30), ("bob", 2, 70)]  # fmt: skip
+    assert all(0 <= u["p50_latency_ms"] <= u["p95_latency_ms"] for u in usage)
+
+    (error,) = query(bq_client, f"SELECT * FROM `{base}_errors`")
+    assert (error["session_id"], error["user_id"], error["run_type"]) == ("s-2", "bob",
+                                                                         "chat_model")  # fmt: skip
+    assert error["error_type"] and error["input_text"] == "user: boom"
+    handler.close()
+
+
+def test_schema_sql_creates_the_same_table(emulator, bq_client, table_name) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "schema", "--format", "sql",
+         "--project", "local", "--table", table_name],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
+    bq_client.query(proc.stdout, job_retry=None).result(timeout=60)
+    made = definition_of(bq_client.get_table(f"local.{DATASET}.{table_name}"))
+    expected = schema.table_definition()
+    assert made["schema"] == expected["schema"]
+    assert made["time_partitioning"]["field"] == "timestamp"
+    assert made["clustering"] == expected["clustering"]
+    assert made["description"] == expected["description"]
