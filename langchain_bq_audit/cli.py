@@ -108,6 +108,50 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from google.api_core.exceptions import NotFound
+    from google.cloud import bigquery
+
+    from .client import make_client
+    from .integrity import verify
+    from .provision import table_id
+
+    settings = _settings_from(args)
+    client = make_client(settings)
+    full = table_id(client, settings)
+    sql = f"SELECT * FROM `{full}` WHERE chain_id IS NOT NULL"
+    params = []
+    if args.since:
+        try:
+            since = dt.date.fromisoformat(args.since)
+        except ValueError:
+            print(f"bq-audit: --since wants a date like 2026-11-25, got {args.since!r}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        sql += " AND timestamp >= TIMESTAMP(@since)"
+        params.append(bigquery.ScalarQueryParameter("since", "DATE", since))
+    config = bigquery.QueryJobConfig(query_parameters=params)
+    try:
+        rows = [dict(r) for r in client.query(sql, job_config=config, job_retry=None,
+                                              timeout=60).result(timeout=600)]  # fmt: skip
+    except NotFound as exc:
+        print(f"bq-audit: table {full} not found ({exc.message}); hint: bq-audit init",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    report = verify(rows, from_start=args.since is None)
+    for chain_id, count in report.rows.items():
+        bad = sum(1 for f in report.findings if f.chain_id == chain_id)
+        print(f"chain {chain_id}: {count} rows, {'ok' if not bad else f'{bad} finding(s)'}")
+    for finding in report.findings:
+        print(f"  {finding}")
+    total = sum(report.rows.values())
+    print(f"verified {total} rows in {len(report.rows)} chain(s) of {full}: "
+          f"{len(report.findings)} finding(s)")  # fmt: skip
+    return 0 if report.ok else 1
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     if args.format == "markdown":
         print(schema.to_markdown())
@@ -189,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--labels", help="extra labels, key=value,key=value")
     ini.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     ini.set_defaults(func=_cmd_init)
+
+    ver = add(
+        "verify",
+        "Check the table's hash chains: deleted rows (missing seq), edited rows, broken "
+        "links. Exit code 1 on any finding.",
+        "bq-audit verify --since 2026-11-01",
+    )
+    ver.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
+    _add_destination(ver)
+    ver.add_argument("--since", help="only rows from this date (YYYY-MM-DD) on")
+    ver.set_defaults(func=_cmd_verify)
 
     sch = add(
         "schema",

@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from .records import RunRecord
+from .redact import capture, redact_row
 from .schema import JSON_COLUMNS
 from .settings import AuditSettings
 
@@ -558,7 +559,9 @@ def build_row(rec: RunRecord, settings: AuditSettings = _DEFAULT_SETTINGS) -> di
     except Exception as exc:  # a strange input: keep the run, say why its content is missing
         row = _minimal_row(rec, settings)
         row["error_message"] = f"langchain-bq-audit could not render this run: {exc!r}"[:2000]
+    capture(row, settings.capture_mode)
     fit_row(row, settings.max_field_chars, settings.max_row_bytes)
+    redact_row(row, settings.capture_mode, settings.redactors, settings.user_id_key)
     return row
 
 

@@ -69,6 +69,15 @@ COLUMNS: tuple[Column, ...] = (
     _c("metadata", "JSON", _N, "context", "LangChain metadata of the run, secrets removed."),
     _c("app_name", "STRING", _N, "context", "Application name from settings."),
     _c("environment", "STRING", _N, "context", "Deployment environment from settings."),
+    _c("capture_mode", "STRING", _N, "privacy", "full, redacted or metadata (no text kept)."),
+    _c("input_sha256", "STRING", _N, "privacy", "SHA-256 of the input text (metadata mode)."),
+    _c("output_sha256", "STRING", _N, "privacy", "SHA-256 of the output text (metadata mode)."),
+    _c("input_chars", "INT64", _N, "privacy", "Length of the input text (metadata mode)."),
+    _c("output_chars", "INT64", _N, "privacy", "Length of the output text (metadata mode)."),
+    _c("chain_id", "STRING", _N, "integrity", "Hash chain of the writer that wrote the row."),
+    _c("seq", "INT64", _N, "integrity", "Position of the row in its chain, from 1."),
+    _c("prev_hash", "STRING", _N, "integrity", "row_hash of the previous row of the chain."),
+    _c("row_hash", "STRING", _N, "integrity", "SHA-256 of the row's canonical JSON."),
 )
 
 COLUMN_NAMES: frozenset[str] = frozenset(c.name for c in COLUMNS)

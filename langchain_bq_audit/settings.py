@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .schema import DEFAULT_DATASET, DEFAULT_LOCATION, DEFAULT_TABLE
 
 ENV_PREFIX = "BQ_AUDIT_"
+_CODE_ONLY = {"redactors"}  # not settable from the environment
 _LABEL = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 _TRUE = {"1", "true", "yes", "on"}
@@ -75,6 +76,16 @@ class AuditSettings:
     app_name: str | None = None
     environment: str | None = None
 
+    capture_mode: str = "full"
+    """full (text as it came, credentials removed), redacted (also e-mails, phones, cards
+    and `redactors`), or metadata (no text: hashes and sizes only)."""
+    redactors: tuple[Callable[[str], str], ...] = ()
+    """Your own text -> text functions, run after the built-in ones (not in `full` mode)."""
+    user_id_key: str | None = field(default=None, repr=False)
+    """When set, `user_id` is written as HMAC-SHA256 under this key (pseudonymous)."""
+    hash_chain: bool = True
+    """Chain the rows of each writer with SHA-256 so `bq-audit verify` can find edits."""
+
     def __post_init__(self) -> None:
         for name in (
             "batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars", "max_row_bytes",
@@ -85,6 +96,13 @@ class AuditSettings:
         for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s", "run_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.capture_mode not in ("full", "redacted", "metadata"):
+            raise ValueError(
+                f"capture_mode must be full, redacted or metadata, got {self.capture_mode!r}"
+            )
+        if not all(callable(r) for r in self.redactors):
+            raise TypeError("redactors must be callables taking and returning a str")
+        object.__setattr__(self, "redactors", tuple(self.redactors))  # a list is fine too
         if self.retention_days is not None and self.retention_days < 1:
             raise ValueError(f"retention_days must be at least 1, got {self.retention_days!r}")
         self.label_map  # noqa: B018 - validates the labels early, with a clear message
@@ -107,10 +125,10 @@ class AuditSettings:
                 f"known: {', '.join(sorted(known))}"
             )
         values: dict[str, Any] = {}
-        for name, field in known.items():
+        for name, f in known.items():
             raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                values[name] = _parse(name, str(field.type), raw)
+            if raw is not None and name not in _CODE_ONLY:
+                values[name] = _parse(name, str(f.type), raw)
         if "emulator_host" not in values and env.get("BIGQUERY_EMULATOR_HOST"):
             values["emulator_host"] = env["BIGQUERY_EMULATOR_HOST"]
         values.update({k: v for k, v in overrides.items() if v is not None})

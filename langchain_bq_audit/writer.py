@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import project_hint
+from .integrity import HashChain
 from .records import RunRecord
 from .rows import build_row, row_size
 from .settings import AuditSettings
@@ -98,6 +99,8 @@ class Writer:
         self._down = False
         self._next_probe = 0.0
         self._probe_wait = _PROBE_FIRST_S
+        # a chain per writer and process: a forked child starts a chain of its own
+        self._chain = HashChain() if self.settings.hash_chain else None
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
         self.last_write_time: float | None = None
@@ -188,7 +191,7 @@ class Writer:
                 markers.append(item)
             else:
                 self._count("accepted", 1)
-                rows.append(build_row(item, self.settings))
+                rows.append(self._row(item))
         self._to_spool(rows)
         for marker in markers:
             marker.done.set()
@@ -271,6 +274,14 @@ class Writer:
 
     # -- builder thread --------------------------------------------------------------------
 
+    def _row(self, record: RunRecord) -> dict[str, Any]:
+        """The row of a finished run, built with its handler's settings, then chained."""
+        owner = record.owner
+        row = build_row(record, owner.settings if owner is not None else self.settings)
+        if self._chain is not None:
+            self._chain.link(row)
+        return row
+
     def _build_loop(self) -> None:
         wait = min(self.settings.batch_age_s, self._sweep_every)
         next_sweep = time.monotonic() + self._sweep_every
@@ -315,7 +326,7 @@ class Writer:
                     self._cond.notify()
                 continue
             self.counters["accepted"] += 1
-            row = build_row(item, settings)
+            row = self._row(item)
             size = row_size(row)
             with self._cond:
                 if self._down or self._abort.is_set() or self._rows_bytes + size > limit:

@@ -1,0 +1,165 @@
+"""Tamper evidence: a hash chain over the rows each writer writes, and its verification.
+
+Each writer process starts a chain (`chain_id`) and numbers its rows (`seq` from 1). A row's
+`row_hash` is the SHA-256 of its canonical JSON, which includes `chain_id`, `seq` and
+`prev_hash` (the previous row's `row_hash`). Deleting a row leaves a gap in `seq`; editing
+one breaks its hash; rewriting the hash too breaks the next row's link. The chain shows
+changes, it does not prevent them: table IAM does that.
+
+The canonical form is computed from values that survive BigQuery's round trip: timestamps
+as microseconds, JSON columns parsed (integral floats as integers), NULLs and empty lists
+left out, so columns added to the table later do not change old rows' hashes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .schema import COLUMNS, JSON_COLUMNS
+
+GENESIS = "0" * 64
+_TIMESTAMPS = frozenset(c.name for c in COLUMNS if c.type == "TIMESTAMP")
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_EXACT = 2**53
+
+
+def _micros(value: Any) -> int:
+    if isinstance(value, str):
+        value = _dt.datetime.fromisoformat(value)
+    delta: _dt.timedelta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and -_EXACT <= value <= _EXACT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _norm(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_norm(v) for v in value]
+    return value
+
+
+def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
+    """The bytes a row's hash is taken over (everything but `row_hash` itself).
+
+    `json_parsed`: JSON columns hold parsed values (as read back from BigQuery) rather than
+    the JSON text the writer sends.
+    """
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "row_hash" or value is None or value == []:
+            continue
+        if key in _TIMESTAMPS:
+            value = _micros(value)
+        elif key in JSON_COLUMNS:
+            value = _norm(value if json_parsed else json.loads(value))
+        else:
+            value = _norm(value)
+        out[key] = value
+    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def row_hash(row: Mapping[str, Any], json_parsed: bool = False) -> str:
+    return hashlib.sha256(canonical(row, json_parsed)).hexdigest()
+
+
+class HashChain:
+    """The chain of one writer in one process. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.chain_id = str(uuid.uuid4())
+        self._seq = 0
+        self._prev = GENESIS
+        self._lock = threading.Lock()
+
+    def link(self, row: dict[str, Any]) -> None:
+        """Number the row and set its `prev_hash` and `row_hash`, in place."""
+        with self._lock:
+            self._seq += 1
+            row["chain_id"] = self.chain_id
+            row["seq"] = self._seq
+            row["prev_hash"] = self._prev
+            row["row_hash"] = self._prev = row_hash(row)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong with a chain."""
+
+    chain_id: str
+    seq: int
+    kind: str  # missing, edited, broken_link, conflict
+    detail: str
+
+    def __str__(self) -> str:
+        return f"chain {self.chain_id} seq {self.seq}: {self.kind}: {self.detail}"
+
+
+@dataclass
+class Report:
+    """What `verify` found: rows per chain, and the findings."""
+
+    rows: dict[str, int]
+    findings: list[Finding]
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+def verify(rows: Iterable[Mapping[str, Any]], from_start: bool = True) -> Report:
+    """Check the chains in `rows` (as read back from BigQuery, JSON parsed).
+
+    Exact duplicates of a row (replays, retries) are tolerated. With `from_start` False
+    (rows from a time window), seqs before a chain's first row in the window are not
+    reported missing.
+    """
+    chains: dict[str, dict[int, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row.get("chain_id") is not None and row.get("seq") is not None:
+            chains[row["chain_id"]][int(row["seq"])].append(row)
+    findings: list[Finding] = []
+    counts: dict[str, int] = {}
+    for chain_id, by_seq in sorted(chains.items()):
+        counts[chain_id] = sum(len(v) for v in by_seq.values())
+        findings += _check_chain(chain_id, by_seq, from_start)
+    return Report(counts, findings)
+
+
+def _check_chain(
+    chain_id: str, by_seq: Mapping[int, list[Mapping[str, Any]]], from_start: bool
+) -> list[Finding]:
+    findings: list[Finding] = []
+
+    def find(seq: int, kind: str, detail: str) -> None:
+        findings.append(Finding(chain_id, seq, kind, detail))
+
+    seqs = sorted(by_seq)
+    expected = 1 if from_start else seqs[0]
+    for seq in seqs:
+        if seq > expected:
+            gap = f"{expected}" if seq - 1 == expected else f"{expected}-{seq - 1}"
+            find(expected, "missing", f"seq {gap} not in the table (deleted rows)")
+        expected = seq + 1
+        copies = by_seq[seq]
+        if len({canonical(r, True) + str(r.get("row_hash")).encode() for r in copies}) > 1:
+            find(seq, "conflict", f"{len(copies)} different rows share this seq")
+        row = copies[0]
+        if row_hash(row, json_parsed=True) != row.get("row_hash"):
+            find(seq, "edited", "row_hash does not match the row (row edited)")
+        before = by_seq.get(seq - 1)
+        link = GENESIS if seq == 1 else (before[0].get("row_hash") if before else None)
+        if link is not None and row.get("prev_hash") != link:
+            find(seq, "broken_link", f"prev_hash does not match seq {seq - 1}'s row_hash")
+    return findings

@@ -1,0 +1,226 @@
+"""Privacy and tamper evidence on the real local BigQuery: capture modes, redactors,
+pseudonymous users, secrets, and `bq-audit verify` against real DML edits."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from langchain_core.language_models.fake_chat_models import (
+    FakeListChatModel,
+    GenericFakeChatModel,
+)
+from langchain_core.messages import AIMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.integrity import row_hash, verify
+
+from .conftest import query
+from .proxy import FaultProxy
+
+DATASET = "language_model_logging"
+PII = {
+    "email": "ana.lopez+audit@example.com",
+    "phone": "+1 415-555-0132",
+    "card": "4111 1111 1111 1111",
+    "api_key": "sk-proj-0123456789abcdefghijABCDEFGH",
+    "bearer": "Bearer eyZ0123456789abcdefghijklmnop",
+    "aws": "AKIAIOSFODNN7EXAMPLE",
+    "pem": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n"
+    "-----END PRIVATE KEY-----",
+}
+NOT_A_CARD = "4111 1111 1111 1112"  # fails the Luhn check: kept
+PROMPT = ChatPromptTemplate.from_messages([("human", "{question}")])
+
+
+def leaky_question() -> str:
+    return (
+        f"I am {PII['email']}, call {PII['phone']}. Card {PII['card']} (not {NOT_A_CARD}). "
+        f"My key {PII['api_key']}, header {PII['bearer']}, aws {PII['aws']}.\n{PII['pem']}\n"
+        "About Project Falcon."
+    )
+
+
+def run_leaky_chain(handler: BigQueryAuditHandler) -> None:
+    call = {"name": "lookup", "args": {"email": PII["email"]}, "id": "c1"}
+    answer = AIMessage(f"Mailing {PII['email']} about Project Falcon.", tool_calls=[call])
+    chain = PROMPT | GenericFakeChatModel(messages=iter([answer])) | StrOutputParser()
+    meta = {"user_id": "ana", "contact": PII["email"]}
+    chain.invoke({"question": leaky_question()}, config={"callbacks": [handler], "metadata": meta})
+
+
+def codename(text: str) -> str:
+    return text.replace("Project Falcon", "[CODENAME]")
+
+
+def test_redacted_mode_keeps_personal_data_and_secrets_out_of_every_column(
+    make_handler, read_rows
+) -> None:
+    handler = make_handler(capture_mode="redacted", redactors=[codename])
+    run_leaky_chain(handler)
+    assert handler.flush(timeout=20)
+    rows = read_rows()
+    assert len(rows) == 4
+    dump = json.dumps(rows, default=str)
+    for name, value in PII.items():
+        assert value not in dump, name
+    assert "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC" not in dump
+    assert "Project Falcon" not in dump
+    (model_row,) = [r for r in rows if r["run_type"] == "chat_model"]
+    text = model_row["input_text"]
+    for marker in ("[EMAIL]", "[PHONE]", "[CARD]", "[SECRET]", "[CODENAME]"):
+        assert marker in text, marker
+    assert NOT_A_CARD in text
+    assert model_row["output_text"] == "Mailing [EMAIL] about [CODENAME]."
+    assert model_row["tool_calls"] == [{"name": "lookup", "args": {"email": "[EMAIL]"},
+                                        "id": "c1"}]  # fmt: skip
+    assert model_row["metadata"]["contact"] == "[EMAIL]"
+    assert {r["capture_mode"] for r in rows} == {"redacted"}
+
+
+def test_full_mode_keeps_text_but_never_credentials(make_handler, read_rows) -> None:
+    handler = make_handler()
+    run_leaky_chain(handler)
+    assert handler.flush(timeout=20)
+    dump = json.dumps(read_rows(), default=str)
+    assert PII["email"] in dump and "Project Falcon" in dump  # full: the text as it came
+    for name in ("api_key", "bearer", "aws", "pem"):
+        assert PII[name] not in dump, name
+
+
+def test_no_unredacted_text_reaches_the_spool(tmp_path: Path) -> None:
+    dead = FaultProxy(1)  # BigQuery unreachable: every row goes to the spool
+    dead.set_mode("reset")
+    spool = tmp_path / "spool"
+    handler = BigQueryAuditHandler(
+        table="spooled_private", emulator_host=dead.host_port, spool_dir=str(spool),
+        batch_age_s=0.01, batch_deadline_s=0.2, capture_mode="redacted",
+    )  # fmt: skip
+    try:
+        run_leaky_chain(handler)
+        assert handler.flush(timeout=10) is False
+        assert handler.stats()["spooled"] == 4
+    finally:
+        handler.close(timeout=1)
+        dead.close()
+    on_disk = b"".join(p.read_bytes() for p in spool.rglob("*.seg")).decode()
+    assert "[EMAIL]" in on_disk
+    for name, value in PII.items():
+        assert value not in on_disk, name
+
+
+def test_metadata_mode_keeps_hashes_sizes_tokens_and_no_text(make_handler, read_rows,
+                                                             bq_client) -> None:  # fmt: skip
+    usage = {"input_tokens": 11, "output_tokens": 7, "total_tokens": 18}
+    call = {"name": "lookup", "args": {"q": "secret plans"}, "id": "c9"}
+
+    def model() -> Any:
+        msg = AIMessage("the answer", usage_metadata=usage, tool_calls=[call])
+        return GenericFakeChatModel(messages=iter([msg]))
+
+    handler = make_handler(capture_mode="metadata")
+    model().invoke("the question", config={"callbacks": [handler]})
+    assert handler.flush(timeout=20)
+    (row,) = read_rows()
+    assert (row["input_text"], row["output_text"]) == ("", "")
+    assert row["input_sha256"] == hashlib.sha256(b"user: the question").hexdigest()
+    assert row["output_sha256"] == hashlib.sha256(b"the answer").hexdigest()
+    assert (row["input_chars"], row["output_chars"]) == (len("user: the question"), 10)
+    assert row["input_messages"] is None and row["output_messages"] is None
+    assert row["tool_calls"] == [{"name": "lookup", "id": "c9"}]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (11, 7, 18)
+    assert row["capture_mode"] == "metadata" and row["latency_ms"] >= 0
+    assert "question" not in json.dumps(row, default=str)
+
+
+def test_user_ids_are_pseudonymous_and_stable_across_processes(
+    emulator, bq_client, table_name
+) -> None:
+    code = """
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_bq_audit import BigQueryAuditHandler
+    handler = BigQueryAuditHandler()
+    FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler],
+                                                           "metadata": {"user_id": "alice"}})
+    assert handler.flush(timeout=30)
+    """
+    for key in ("key-one", "key-one", "key-two"):
+        env = {**os.environ, "BIGQUERY_EMULATOR_HOST": emulator.host_port,
+               "BQ_AUDIT_TABLE": table_name, "BQ_AUDIT_USER_ID_KEY": key}  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert key not in proc.stdout + proc.stderr
+    users = [
+        r["user_id"]
+        for r in query(
+            bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}` ORDER BY timestamp"
+        )
+    ]
+    one = hmac.new(b"key-one", b"alice", hashlib.sha256).hexdigest()
+    two = hmac.new(b"key-two", b"alice", hashlib.sha256).hexdigest()
+    assert users == [one, one, two]
+
+
+def verify_cli(emulator: Any, table: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "verify", "--endpoint", emulator.host_port,
+         "--table", table, *extra],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_verify_names_deleted_and_edited_rows_by_chain_and_seq(
+    emulator, bq_client, make_handler, table_name, read_rows
+) -> None:
+    handler = make_handler()
+    chain = PROMPT | FakeListChatModel(responses=["a"])  # three rows a call
+    for i in range(4):
+        chain.invoke({"question": f"q{i}"}, config={"callbacks": [handler]})
+    assert handler.flush(timeout=20)
+    rows = read_rows()
+    (chain_id,) = {r["chain_id"] for r in rows}
+    assert sorted(r["seq"] for r in rows) == list(range(1, 13))
+
+    clean = verify_cli(emulator, table_name)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert f"chain {chain_id}: 12 rows, ok" in clean.stdout
+
+    full = f"local.{DATASET}.{table_name}"
+    replayed = json.loads(json.dumps({k: v for k, v in rows[2].items() if v is not None},
+                                     default=str))  # fmt: skip
+    assert bq_client.insert_rows_json(full, [replayed]) == []  # an exact copy, as a replay
+    assert verify_cli(emulator, table_name).returncode == 0
+
+    bq_client.query(f"DELETE FROM `{full}` WHERE seq = 3", job_retry=None).result()
+    bq_client.query(f"UPDATE `{full}` SET output_text = 'tampered' WHERE seq = 6",
+                    job_retry=None).result()  # fmt: skip
+    for extra in ((), ("--since", rows[0]["timestamp"].date().isoformat())):
+        found = verify_cli(emulator, table_name, *extra)
+        assert found.returncode == 1, found.stdout
+        assert f"chain {chain_id} seq 3: missing" in found.stdout
+        assert f"chain {chain_id} seq 6: edited" in found.stdout
+        assert "2 finding(s)" in found.stdout
+
+
+def test_rewriting_a_hash_breaks_the_next_link(make_handler, read_rows) -> None:
+    handler = make_handler()
+    for i in range(3):
+        FakeListChatModel(responses=["a"]).invoke(f"q{i}", config={"callbacks": [handler]})
+    assert handler.flush(timeout=20)
+    rows = read_rows()
+    assert verify(rows).ok
+    forged = next(r for r in rows if r["seq"] == 2)
+    forged["output_text"] = "forged"
+    forged["row_hash"] = row_hash(forged, json_parsed=True)  # a careful forger
+    report = verify(rows)
+    assert [(f.seq, f.kind) for f in report.findings] == [(3, "broken_link")]
