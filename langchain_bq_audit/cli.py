@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import schema
@@ -111,35 +112,21 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from google.api_core.exceptions import NotFound
-    from google.cloud import bigquery
-
-    from .client import make_client
     from .integrity import verify
-    from .provision import table_id
+    from .reading import run_query
 
-    settings = _settings_from(args)
-    client = make_client(settings)
-    full = table_id(client, settings)
+    client, full = _client_and_table(args)
     sql = f"SELECT * FROM `{full}` WHERE chain_id IS NOT NULL"
-    params = []
+    params: dict[str, Any] = {}
     if args.since:
         try:
-            since = dt.date.fromisoformat(args.since)
+            params["since"] = dt.date.fromisoformat(args.since)
         except ValueError:
             print(f"bq-audit: --since wants a date like 2026-11-25, got {args.since!r}",
                   file=sys.stderr)  # fmt: skip
             return 2
         sql += " AND timestamp >= TIMESTAMP(@since)"
-        params.append(bigquery.ScalarQueryParameter("since", "DATE", since))
-    config = bigquery.QueryJobConfig(query_parameters=params)
-    try:
-        rows = [dict(r) for r in client.query(sql, job_config=config, job_retry=None,
-                                              timeout=60).result(timeout=600)]  # fmt: skip
-    except NotFound as exc:
-        print(f"bq-audit: table {full} not found ({exc.message}); hint: bq-audit init",
-              file=sys.stderr)  # fmt: skip
-        return 2
+    rows = run_query(client, sql, params, timeout=600)
     report = verify(rows, from_start=args.since is None)
     for chain_id, count in report.rows.items():
         bad = sum(1 for f in report.findings if f.chain_id == chain_id)
@@ -150,6 +137,104 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(f"verified {total} rows in {len(report.rows)} chain(s) of {full}: "
           f"{len(report.findings)} finding(s)")  # fmt: skip
     return 0 if report.ok else 1
+
+
+def _client_and_table(args: argparse.Namespace) -> tuple[Any, str]:
+    from .client import make_client
+    from .provision import table_id
+
+    settings = _settings_from(args)
+    client = make_client(settings)
+    return client, table_id(client, settings)
+
+
+def _cut(text: Any, width: int) -> str:
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _tail_line(row: dict[str, Any]) -> str:
+    tokens = f"{row['total_tokens']} tok" if row.get("total_tokens") is not None else "- tok"
+    latency = f"{row['latency_ms']:.0f} ms" if row.get("latency_ms") is not None else "-"
+    status = row.get("status") or "-"
+    if row.get("error_type"):
+        status = f"{status}:{row['error_type']}"
+    return (
+        f"{row['timestamp']:%Y-%m-%d %H:%M:%S}  {_cut(row.get('session_id') or '-', 12):12}  "
+        f"{_cut(row.get('user_id') or '-', 10):10}  {row.get('run_type') or '-':10}  "
+        f"{_cut(row.get('name') or '-', 18):18}  {_cut(status, 24):24}  {tokens:>8}  "
+        f"{latency:>8}  {_cut(row.get('input_text'), 40)!r} -> {_cut(row.get('output_text'), 40)!r}"
+    )
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .reading import recent_rows
+
+    client, table = _client_and_table(args)
+
+    def show(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            print(json.dumps(row, default=str) if args.json else _tail_line(row), flush=True)
+
+    rows = recent_rows(client, table, args.n, args.session, args.user)
+    if not rows and not args.follow:
+        print(f"no rows in {table}" + (" for that filter" if args.session or args.user else ""),
+              file=sys.stderr)  # fmt: skip
+    show(rows)
+    if not args.follow:
+        return 0
+    seen = {r["event_id"] for r in rows}
+    last = rows[-1]["timestamp"] if rows else None
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(args.interval)
+            new = [r for r in recent_rows(client, table, 1000, args.session, args.user, last)
+                   if r["event_id"] not in seen]  # fmt: skip
+            show(new)
+            seen.update(r["event_id"] for r in new)
+            if new:
+                last = new[-1]["timestamp"]
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import project_hint
+    from .reading import summary
+    from .spool import Spool, default_spool_dir, read_segment
+
+    client, table = _client_and_table(args)
+    settings = _settings_from(args)
+    root = Path(args.spool_dir or settings.spool_dir or default_spool_dir())
+    destination = f"{project_hint(settings, client)}.{settings.dataset}.{settings.table}"
+    spool = Spool(root, destination, max_bytes=1)  # only read here, never appended to
+    segments, dead = spool.segments(), spool.dead_letters()
+    local = {
+        "spool_dir": str(spool.dir),
+        "spooled_segments": len(segments),
+        "spooled_rows": sum(len(read_segment(p).records) for p in segments),
+        "spooled_bytes": spool.size_bytes(),
+        "dead_letter_segments": len(dead),
+        "dead_letter_rows": sum(len(read_segment(p).records) for p in dead),
+    }
+    remote = summary(client, table)
+    if args.json:
+        print(json.dumps({"table": table, **remote, **local}, default=str))
+        return 0
+    print(f"table {table}: {remote['rows']} rows, {remote['sessions']} sessions, "
+          f"{remote['users']} users, {remote['model_calls']} model calls, "
+          f"{remote['total_tokens']} tokens, {remote['errors']} errors, "
+          f"last write {remote['last_write'] or 'never'}")  # fmt: skip
+    print(f"spool {local['spool_dir']}: {local['spooled_rows']} rows in "
+          f"{local['spooled_segments']} segment(s) waiting for replay ({local['spooled_bytes']} "
+          f"bytes); {local['dead_letter_rows']} rows dead-lettered")  # fmt: skip
+    if local["spooled_rows"]:
+        print("  hint: bq-audit replay writes them now")
+    return 0
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -234,6 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     ini.set_defaults(func=_cmd_init)
 
+    tail = add(
+        "tail",
+        "Show the latest rows, readable (or --json lines); --follow keeps watching.",
+        "bq-audit tail -n 20 --session s-1 --follow",
+    )
+    tail.add_argument("-n", type=int, default=20, help="how many rows (default 20)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new rows")
+    tail.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    tail.add_argument("--session", help="only this session_id")
+    tail.add_argument("--user", help="only this user_id")
+    tail.add_argument("--json", action="store_true", help="one JSON object a line")
+    tail.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
+    _add_destination(tail)
+    tail.set_defaults(func=_cmd_tail)
+
+    st = add(
+        "stats",
+        "Rows, sessions, tokens and errors of the table; rows waiting in the local spool.",
+        "bq-audit stats --json",
+    )
+    st.add_argument("--json", action="store_true", help="one JSON object")
+    st.add_argument("--spool-dir", help="spool root (default: user cache dir)")
+    st.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
+    _add_destination(st)
+    st.set_defaults(func=_cmd_stats)
+
     ver = add(
         "verify",
         "Check the table's hash chains: deleted rows (missing seq), edited rows, broken "
@@ -257,15 +368,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explain(exc: BaseException) -> str | None:
+    """One line, with a hint, for the errors a new user meets; None for anything else."""
+    name = type(exc).__name__
+    if name == "RetryError" and getattr(exc, "cause", None) is not None:
+        return explain(exc.cause)  # type: ignore[attr-defined]
+    if isinstance(exc, EmulatorError):
+        return str(exc)
+    if name == "DefaultCredentialsError":
+        return (
+            "no Google Cloud credentials found. hint: try it locally with `bq-audit emulator` "
+            "and --endpoint HOST:PORT, or run `gcloud auth application-default login` and pass "
+            "--project"
+        )
+    if isinstance(exc, OSError) and "Project was not passed" in str(exc):
+        return "no Google Cloud project configured. hint: pass --project or set BQ_AUDIT_PROJECT"
+    if name == "NotFound":
+        message = str(getattr(exc, "message", exc)).strip().splitlines()[0].rstrip(".")
+        return f"{message}. hint: create the dataset, table and views with `bq-audit init`"
+    if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout") or isinstance(
+        exc, ConnectionError
+    ):
+        return (
+            f"cannot reach BigQuery ({type(exc).__name__}). hint: is the local BigQuery "
+            "running (`bq-audit emulator`) and --endpoint / BIGQUERY_EMULATOR_HOST right?"
+        )
+    if isinstance(exc, ValueError) and "BQ_AUDIT_" in str(exc):
+        return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: Any = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except EmulatorError as exc:
-        print(f"bq-audit: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        line = explain(exc)
+        if line is None:
+            raise
+        print(f"bq-audit: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

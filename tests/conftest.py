@@ -11,20 +11,29 @@ import pytest
 
 from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.emulator import LocalBigQuery
+from langchain_bq_audit.reading import run_query
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_spool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Tests (and the processes they start) spool under a folder of this session's own."""
+def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests and the processes they start spool under a folder of this session's own, and
+    never look for Google's metadata server (only loopback traffic leaves a test)."""
     import os
 
-    old = os.environ.get("BQ_AUDIT_SPOOL_DIR")
-    os.environ["BQ_AUDIT_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
+    values = {
+        "BQ_AUDIT_SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
+        "NO_GCE_CHECK": "true",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+    }
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     yield
-    if old is None:
-        os.environ.pop("BQ_AUDIT_SPOOL_DIR", None)
-    else:
-        os.environ["BQ_AUDIT_SPOOL_DIR"] = old
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -83,17 +92,8 @@ def mocks() -> Iterator[Any]:
 
 
 def query(client: Any, sql: str, **params: Any) -> list[dict[str, Any]]:
-    """Run a query with named STRING/INT64 parameters and return plain dict rows."""
-    from google.cloud import bigquery
-
-    types = {str: "STRING", int: "INT64"}
-    config = bigquery.QueryJobConfig(
-        query_parameters=[
-            bigquery.ScalarQueryParameter(k, types[type(v)], v) for k, v in params.items()
-        ]
-    )
-    job = client.query(sql, job_config=config, job_retry=None, timeout=30)
-    return [dict(r) for r in job.result(timeout=60)]
+    """Run a query with named parameters and return plain dict rows."""
+    return run_query(client, sql, params)
 
 
 @pytest.fixture

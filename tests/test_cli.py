@@ -1,0 +1,159 @@
+"""`bq-audit` as a user runs it: each command as a subprocess against the local BigQuery."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableLambda
+
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.cli import build_parser
+
+from .proxy import FaultProxy
+
+COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+
+def bq_audit(*args: str, env: dict[str, str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "langchain_bq_audit", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=env)  # fmt: skip
+
+
+def write_rows(handler: BigQueryAuditHandler) -> None:
+    def model(i: int) -> Any:
+        usage = {"input_tokens": 10 * i, "output_tokens": 1, "total_tokens": 10 * i + 1}
+        return GenericFakeChatModel(messages=iter([AIMessage(f"answer {i}", usage_metadata=usage)]))
+
+    for i, (session, user) in enumerate([("s-a", "ana"), ("s-a", "ana"), ("s-b", "bob")], 1):
+        meta = {"session_id": session, "user_id": user}
+        model(i).invoke(f"question {i}", config={"callbacks": [handler], "metadata": meta})
+    with pytest.raises(ValueError):
+        RunnableLambda(lambda _: (_ for _ in ()).throw(ValueError("nope"))).invoke(
+            "bad", config={"callbacks": [handler], "metadata": {"session_id": "s-b"}}
+        )
+    assert handler.flush(timeout=20)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    proc = bq_audit(command, "--help")
+    assert proc.returncode == 0
+    example = proc.stdout.split("example:\n", 1)[1]
+    assert "bq-audit " + command in example
+
+
+def test_tail_shows_the_latest_rows_readable_filtered_and_as_json(
+    emulator, make_handler, table_name
+) -> None:
+    write_rows(make_handler())
+    where = ("--endpoint", emulator.host_port, "--table", table_name)
+
+    proc = bq_audit("tail", "-n", "3", *where)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3
+    assert "'user: question 2' -> 'answer 2'" in lines[0]
+    assert "s-b" in lines[2] and "error:ValueError" in lines[2]  # the newest, last
+    assert "21 tok" in proc.stdout.splitlines()[0]
+
+    ana = bq_audit("tail", "--user", "ana", *where).stdout.splitlines()
+    assert len(ana) == 2 and all("ana" in line for line in ana)
+
+    rows = [json.loads(line) for line in bq_audit("tail", "--json", "--session", "s-b",
+                                                  *where).stdout.splitlines()]  # fmt: skip
+    assert [(r["run_type"], r["status"]) for r in rows] == [("chat_model", "ok"),
+                                                           ("chain", "error")]  # fmt: skip
+    assert rows[0]["total_tokens"] == 31 and rows[0]["output_text"] == "answer 3"
+
+
+def test_tail_follow_prints_new_rows_as_they_arrive(emulator, make_handler, table_name) -> None:
+    handler = make_handler()
+    write_rows(handler)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "langchain_bq_audit", "tail", "-f", "-n", "1", "--interval",
+         "0.3", "--endpoint", emulator.host_port, "--table", table_name],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        assert "error:ValueError" in lines.get(timeout=30)
+        GenericFakeChatModel(messages=iter([AIMessage("late answer")])).invoke(
+            "late question", config={"callbacks": [handler]}
+        )
+        assert handler.flush(timeout=20)
+        assert "'user: late question' -> 'late answer'" in lines.get(timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_stats_summarizes_the_table_and_the_local_spool(
+    emulator, make_handler, table_name, tmp_path
+) -> None:
+    write_rows(make_handler())
+    spool = tmp_path / "spool"
+    dead = FaultProxy(1)
+    dead.set_mode("reset")
+    stranded = BigQueryAuditHandler(table=table_name, emulator_host=dead.host_port,
+                                    project="local", spool_dir=str(spool), batch_age_s=0.01,
+                                    batch_deadline_s=0.2)  # fmt: skip
+    try:
+        GenericFakeChatModel(messages=iter([AIMessage("x")])).invoke(
+            "q", config={"callbacks": [stranded]}
+        )
+        assert stranded.flush(timeout=10) is False
+    finally:
+        stranded.close(timeout=1)
+        dead.close()
+
+    where = ("--endpoint", emulator.host_port, "--table", table_name, "--spool-dir", str(spool))
+    stats = json.loads(bq_audit("stats", "--json", *where).stdout)
+    assert (stats["rows"], stats["sessions"], stats["users"]) == (4, 2, 2)
+    assert (stats["model_calls"], stats["total_tokens"], stats["errors"]) == (3, 63, 1)
+    assert stats["last_write"] is not None
+    assert (stats["spooled_rows"], stats["dead_letter_rows"]) == (1, 0)
+    human = bq_audit("stats", *where)
+    assert human.returncode == 0, human.stderr
+    assert "4 rows, 2 sessions, 2 users, 3 model calls, 63 tokens, 1 errors" in human.stdout
+    assert "1 rows in 1 segment(s) waiting for replay" in human.stdout
+    assert "hint: bq-audit replay" in human.stdout
+
+
+def one_clear_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("bq-audit: ") and "hint:" in line
+    return line
+
+
+def test_errors_a_new_user_meets_are_one_line_with_a_hint(
+    emulator, bq_client, tmp_path: Path
+) -> None:
+    configured = ("BIGQUERY_", "GOOGLE_", "BQ_AUDIT_PROJECT", "CLOUDSDK")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(configured)}
+    clean["HOME"] = str(tmp_path)  # no gcloud credentials file either
+    no_credentials = one_clear_line(bq_audit("tail", env=clean))
+    assert "no Google Cloud credentials" in no_credentials and "bq-audit emulator" in no_credentials
+
+    bq_client.create_dataset("local.language_model_logging", exists_ok=True)
+    missing = one_clear_line(bq_audit("tail", "--endpoint", emulator.host_port,
+                                      "--table", "no_such_table"))  # fmt: skip
+    assert "no_such_table" in missing and "bq-audit init" in missing
+
+    unreachable = one_clear_line(bq_audit("stats", "--endpoint", "127.0.0.1:9"))
+    assert "cannot reach BigQuery" in unreachable
