@@ -89,6 +89,8 @@ class Writer:
         self._cond = threading.Condition(threading.Lock())  # the row buffer and in-flight rows
         self._rows: deque[tuple[dict[str, Any] | _Marker, int]] = deque()
         self._rows_bytes = 0
+        self._rows_markers = 0  # flush markers in `_rows`: they make the sender send now
+        self._rows_since: float | None = None  # when the oldest unsent row was buffered
         self._inflight: list[dict[str, Any]] = []
         self._inflight_taken = False
         self._builder: threading.Thread | None = None
@@ -180,6 +182,8 @@ class Writer:
             markers = [item for item, _ in self._rows if isinstance(item, _Marker)]
             self._rows.clear()
             self._rows_bytes = 0
+            self._rows_markers = 0
+            self._rows_since = None
             rows.extend(self._inflight)
             self._inflight_taken = True
         while True:
@@ -323,6 +327,7 @@ class Writer:
                 spill = []
                 with self._cond:
                     self._rows.append((item, 0))
+                    self._rows_markers += 1
                     self._cond.notify()
                 continue
             self.counters["accepted"] += 1
@@ -334,6 +339,8 @@ class Writer:
                 else:
                     self._rows.append((row, size))
                     self._rows_bytes += size
+                    if self._rows_since is None:
+                        self._rows_since = time.monotonic()
                     if len(self._rows) >= self._batch_rows:
                         self._cond.notify()
             if len(spill) >= self._batch_rows:
@@ -351,17 +358,22 @@ class Writer:
             batch: list[dict[str, Any]] = []
             markers: list[_Marker] = []
             with self._cond:
-                if not self._rows:
-                    if gen != self._generation or (self._stopping and self._builder is None):
+                wait = self._send_wait()
+                if wait > 0:
+                    if not self._rows and (
+                        gen != self._generation or (self._stopping and self._builder is None)
+                    ):
                         return
-                    self._cond.wait(self._probe_wait if self._down else 1.0)
+                    self._cond.wait(self._probe_wait if self._down else wait)
                 size = 0
-                while self._rows and len(batch) < self._batch_rows:
+                due = self._send_wait() <= 0  # else go round: the wait ended early
+                while due and self._rows and len(batch) < self._batch_rows:
                     item, item_size = self._rows[0]
                     if isinstance(item, _Marker):
                         if batch:
                             break  # send what is before the marker first
                         self._rows.popleft()
+                        self._rows_markers -= 1
                         markers.append(item)
                         continue
                     if batch and size + item_size > self.settings.batch_bytes:
@@ -370,6 +382,8 @@ class Writer:
                     self._rows_bytes -= item_size
                     batch.append(item)
                     size += item_size
+                if batch:  # rows left behind were built during the last send: fresh enough
+                    self._rows_since = time.monotonic() if self._rows else None
                 self._inflight = batch
                 self._inflight_taken = False
             try:
@@ -385,6 +399,23 @@ class Writer:
                     self._inflight = []
                 for marker in markers:
                     marker.done.set()
+
+    def _send_wait(self) -> float:
+        """Seconds until the buffered rows are due (0: send now). Call with `_cond` held.
+
+        A batch goes when it is full (rows or bytes), when its oldest row has waited
+        `batch_age_s`, when a flush is waiting for it, or when the writer is stopping.
+        """
+        if not self._rows:
+            return 1.0
+        if self._rows_markers or self._stopping or self._abort.is_set():
+            return 0.0
+        if len(self._rows) >= self._batch_rows or self._rows_bytes >= self.settings.batch_bytes:
+            return 0.0
+        since = self._rows_since
+        if since is None:
+            return 0.0
+        return max(0.0, since + self.settings.batch_age_s - time.monotonic())
 
     def _send_batch(self, batch: list[dict[str, Any]]) -> None:
         if self._abort.is_set() or (self._down and time.monotonic() < self._next_probe):
