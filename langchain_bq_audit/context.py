@@ -2,7 +2,8 @@
 
 - `LANGCHAIN_BQ_AUDIT=true` (read on every LangChain configure call, so it can be set after
   import) or `enable(**options)` adds one process-wide `BigQueryAuditHandler` to every run,
-  through `langchain_core.tracers.context.register_configure_hook`, registered once at import.
+  through `langchain_core.tracers.context.register_configure_hook`, registered once: at
+  import when LangChain has loaded that module, else the moment it does.
 - `audit_context(session_id=..., user_id=..., tags=..., metadata=...)` sets session, user,
   tags and metadata for every run started inside it, through a ContextVar, so it follows
   asyncio tasks and threads started with a copied context.
@@ -11,15 +12,16 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-
-from langchain_core.tracers.context import register_configure_hook
 
 if TYPE_CHECKING:
     from .handler import BigQueryAuditHandler
@@ -111,7 +113,43 @@ class _GlobalHandler:
 
 
 _global = _GlobalHandler()
-register_configure_hook(cast("ContextVar[Any]", _global), inheritable=True)
+_TRACERS_CONTEXT = "langchain_core.tracers.context"
+
+
+def _register() -> None:
+    from langchain_core.tracers.context import register_configure_hook
+
+    register_configure_hook(cast("ContextVar[Any]", _global), inheritable=True)
+
+
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    """Registers the hook right after LangChain imports `langchain_core.tracers.context`.
+
+    That module imports langsmith (about a second); LangChain imports it itself on the
+    first run it configures, so waiting for that keeps `import langchain_bq_audit` fast.
+    """
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _TRACERS_CONTEXT:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            _register()
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if _TRACERS_CONTEXT in sys.modules:
+    _register()
+else:
+    sys.meta_path.insert(0, _RegisterWhenImported())
 
 
 def enable(**options: Any) -> BigQueryAuditHandler:

@@ -6,7 +6,6 @@ the run's identity and says what went wrong, so a strange input cannot lose a ro
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as _dt
 import itertools
@@ -30,7 +29,6 @@ _SECRET_NAMES = frozenset(
     {"api_key", "apikey", "token", "password", "passwd", "secret", "authorization", "auth"}
 )
 _SECRET_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_token", "_credentials")
-_CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
 _DEFAULT_SETTINGS = AuditSettings()
 
 
@@ -471,7 +469,10 @@ def _name(rec: RunRecord) -> str | None:
 
 
 def _status(rec: RunRecord) -> str:
-    if rec.status == "error" and isinstance(rec.error, _CANCELLED):
+    import asyncio  # here, on the writer thread: keeps `import langchain_bq_audit` light
+
+    cancelled = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+    if rec.status == "error" and isinstance(rec.error, cancelled):
         return "cancelled"
     return rec.status
 
