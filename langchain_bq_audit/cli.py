@@ -252,7 +252,9 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_destination(parser: argparse.ArgumentParser) -> None:
+def _add_destination(parser: argparse.ArgumentParser, endpoint: bool = False) -> None:
+    if endpoint:
+        parser.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
     parser.add_argument("--project", help="Google Cloud project (default: env / client)")
     parser.add_argument("--dataset", help="dataset (default: language_model_logging)")
     parser.add_argument("--table", help="table (default: inference_logs)")
@@ -301,8 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Write rows spooled on this machine to BigQuery, with progress.",
         "BIGQUERY_EMULATOR_HOST=127.0.0.1:9050 bq-audit replay",
     )
-    rep.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
-    _add_destination(rep)
+    _add_destination(rep, endpoint=True)
     rep.add_argument("--spool-dir", help="spool root (default: user cache dir)")
     rep.set_defaults(func=_cmd_replay)
 
@@ -311,8 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Create the dataset, table and views if missing; add columns an older table lacks.",
         "bq-audit init --project my-project --retention-days 400 --labels team=ml",
     )
-    ini.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
-    _add_destination(ini)
+    _add_destination(ini, endpoint=True)
     ini.add_argument("--location", help="dataset location (default: US)")
     ini.add_argument("--retention-days", type=int, help="partition expiration (default: none)")
     ini.add_argument("--labels", help="extra labels, key=value,key=value")
@@ -330,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--session", help="only this session_id")
     tail.add_argument("--user", help="only this user_id")
     tail.add_argument("--json", action="store_true", help="one JSON object a line")
-    tail.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
-    _add_destination(tail)
+    _add_destination(tail, endpoint=True)
     tail.set_defaults(func=_cmd_tail)
 
     st = add(
@@ -341,8 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--json", action="store_true", help="one JSON object")
     st.add_argument("--spool-dir", help="spool root (default: user cache dir)")
-    st.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
-    _add_destination(st)
+    _add_destination(st, endpoint=True)
     st.set_defaults(func=_cmd_stats)
 
     ver = add(
@@ -351,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "links. Exit code 1 on any finding.",
         "bq-audit verify --since 2026-11-01",
     )
-    ver.add_argument("--endpoint", help="local BigQuery at HOST:PORT (else the env / ADC)")
-    _add_destination(ver)
+    _add_destination(ver, endpoint=True)
     ver.add_argument("--since", help="only rows from this date (YYYY-MM-DD) on")
     ver.set_defaults(func=_cmd_verify)
 

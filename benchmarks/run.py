@@ -1,0 +1,224 @@
+"""Side-by-side benchmarks of langchain-bq-audit; every ratio is measured in this one run.
+
+    .venv/bin/python -m benchmarks.run            # about 3 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run --calls 1000000   # the full memory run
+
+Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB messages, a no-op
+`run_inline` handler as the baseline, interleaved rounds), row building alone (no
+network), insertAll throughput from submit to committed rows (batch sizes swept), and
+memory over many calls. It starts its own embedded BigQuery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.emulator import LocalBigQuery
+from langchain_bq_audit.integrity import HashChain
+from langchain_bq_audit.rows import build_row
+from langchain_bq_audit.settings import AuditSettings
+from langchain_bq_audit.writer import Writer
+
+
+class Noop(BaseCallbackHandler):
+    """The baseline: a handler LangChain calls inline that does nothing."""
+
+    run_inline = True
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def import_cost(runs: int = 7) -> list[tuple[str, str]]:
+    code = "import time; t = time.perf_counter(); import {m}; print(time.perf_counter() - t)"
+
+    def median(module: str) -> float:
+        times = [float(subprocess.run([sys.executable, "-c", code.format(m=module)],
+                                      capture_output=True, text=True, check=True).stdout)
+                 for _ in range(runs)]  # fmt: skip
+        return statistics.median(times) * 1000
+
+    base, ours = median("langchain_core.callbacks"), median("langchain_bq_audit")
+    lazy = subprocess.run(
+        [sys.executable, "-c", "import sys, langchain_bq_audit; print('google.cloud' in "
+         "sys.modules)"], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    return [
+        ("import langchain_core.callbacks", f"{base:.1f} ms"),
+        ("import langchain_bq_audit", f"{ours:.1f} ms (+{ours - base:.1f} ms; target <= +30)"),
+        ("google.cloud imported at import", lazy),
+    ]
+
+
+def chains() -> dict[str, tuple[Any, dict[str, Any]]]:
+    model = FakeListChatModel(responses=["ok"])
+    small = ChatPromptTemplate.from_messages([("human", "{q}")]) | model | StrOutputParser()
+    history = [HumanMessage("x" * 2048) if i % 2 else AIMessage("y" * 2048) for i in range(19)]
+    big_prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"),
+                                                   ("human", "{q}")])  # fmt: skip
+    return {
+        "small": (small, {"q": "hi"}),
+        "20 x 2 KB": (big_prompt | model | StrOutputParser(), {"q": "z" * 2048,
+                                                              "history": history}),
+    }  # fmt: skip
+
+
+def hot_path(client: Any, rounds: int, per_round: int) -> list[tuple[str, str]]:
+    audit = BigQueryAuditHandler(client=client, table="bench_hot_path")
+    noop = Noop()
+    out = []
+    for label, (chain, inputs) in chains().items():
+        for mode in ("invoke", "ainvoke"):
+            times: dict[str, list[float]] = {"noop": [], "audit": []}
+
+            def batch(handler: Any, count: int, chain: Any = chain, inputs: Any = inputs,
+                      mode: str = mode) -> list[float]:  # fmt: skip
+                cfg = {"callbacks": [handler]}
+                if mode == "invoke":
+                    out = []
+                    for _ in range(count):
+                        start = time.perf_counter()
+                        chain.invoke(inputs, config=cfg)
+                        out.append(time.perf_counter() - start)
+                    return out
+
+                async def calls() -> list[float]:  # one loop, awaited one after another
+                    out = []
+                    for _ in range(count):
+                        start = time.perf_counter()
+                        await chain.ainvoke(inputs, config=cfg)
+                        out.append(time.perf_counter() - start)
+                    return out
+
+                return asyncio.run(calls())
+
+            batch(noop, per_round // 4), batch(audit, per_round // 4)  # warm up both
+            for _ in range(rounds):  # interleave so drift hits both alike
+                for name, handler in (("noop", noop), ("audit", audit)):
+                    times[name] += batch(handler, per_round)
+            n, a = times["noop"], times["audit"]
+            out.append((
+                f"{mode} {label}",
+                f"no-op p50 {pct(n, .5) * 1e6:.0f} us p99 {pct(n, .99) * 1e6:.0f} us | audit p50 "
+                f"{pct(a, .5) * 1e6:.0f} us p99 {pct(a, .99) * 1e6:.0f} us | ratio p50 "
+                f"{pct(a, .5) / pct(n, .5):.2f}x "
+                f"mean {statistics.mean(a) / statistics.mean(n):.2f}x",
+            ))  # fmt: skip
+    assert audit.flush(timeout=120), audit.stats()
+    return out
+
+
+def captured_records(n: int) -> list[Any]:
+    """Finished-run records of real chain calls, caught before the writer sees them."""
+    handler = BigQueryAuditHandler(table="bench_capture", emulator_host="127.0.0.1:9",
+                                   spool_enabled=False, handle_sigterm=False)  # fmt: skip
+    records: list[Any] = []
+    handler._submit = records.append  # the benchmark keeps the records instead of writing them
+    chain, inputs = chains()["small"]
+    while len(records) < n:
+        chain.invoke(inputs, config={"callbacks": [handler]})
+    return records[:n]
+
+
+def row_building(n: int) -> list[tuple[str, str]]:
+    records = captured_records(n)
+    settings = AuditSettings()
+    start = time.perf_counter()
+    rows = [build_row(r, settings) for r in records]
+    built = time.perf_counter()
+    chain = HashChain()
+    for row in rows:
+        chain.link(row)
+    chained = time.perf_counter()
+    return [
+        ("rows built (no network)", f"{n / (built - start):,.0f} rows/s "
+                                    f"({(built - start) / n * 1e6:.1f} us/row)"),
+        ("hash chain", f"{(chained - built) / n * 1e6:.1f} us/row"),
+        ("build + chain", f"{n / (chained - start):,.0f} rows/s (target >= 20,000)"),
+    ]  # fmt: skip
+
+
+def insert_all_throughput(client: Any, n: int) -> list[tuple[str, str]]:
+    records = captured_records(n)
+    out = []
+    for batch_rows in (100, 500, 2000):
+        settings = AuditSettings(table=f"bench_tp_{batch_rows}", batch_rows=batch_rows,
+                                 batch_age_s=0.05, spool_enabled=False)  # fmt: skip
+        writer = Writer(settings, client)
+        start = time.perf_counter()
+        for r in records:
+            writer.submit(r)
+        assert writer.flush(300), writer.stats()
+        elapsed = time.perf_counter() - start
+        out.append((f"insertAll, batch {batch_rows}", f"{n / elapsed:,.0f} rows/s committed"))
+        writer.close(10)
+    return out
+
+
+def memory(client: Any, calls: int) -> list[tuple[str, str]]:
+    handler = BigQueryAuditHandler(client=client, table="bench_memory")
+    model = FakeListChatModel(responses=["ok"])
+    cfg = {"callbacks": [handler]}
+    for _ in range(2000):
+        model.invoke("q", config=cfg)
+    assert handler.flush(120)
+    gc.collect()
+    before = rss_mb()
+    for i in range(calls):
+        model.invoke("q", config=cfg)
+        if i % 20_000 == 0:  # keep pace with the sink, as a healthy one does
+            handler.flush(120)
+    assert handler.flush(300), handler.stats()
+    gc.collect()
+    after = rss_mb()
+    return [(f"memory over {calls:,} calls",
+             f"RSS {before:.0f} -> {after:.0f} MB (+{after - before:.1f} MB; target <= 50), "
+             f"pending runs {handler.stats()['pending_runs']}")]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=100_000, help="calls in the memory run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=400)
+    args = parser.parse_args()
+    results: list[tuple[str, str]] = []
+    results += import_cost()
+    with LocalBigQuery(tempfile.mkdtemp(prefix="bq-audit-bench-")) as bq:
+        client = bq.client()
+        results += hot_path(client, args.rounds, args.per_round)
+        results += row_building(20_000)
+        results += insert_all_throughput(client, 20_000)
+        results += memory(client, args.calls)
+    width = max(len(k) for k, _ in results)
+    print(
+        f"langchain-bq-audit benchmarks (Python {sys.version.split()[0]}, {os.cpu_count()} cores)"
+    )
+    for key, value in results:
+        print(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
