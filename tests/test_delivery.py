@@ -129,7 +129,9 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     exited = time.time()
     assert child.returncode == 0, err
     last_call = float(out.split()[1])
-    assert exited - last_call < 2.0 + 0.5, f"exit took {exited - last_call:.2f} s after the work"
+    # the drain's 2 s, plus interpreter teardown (slow on a loaded 2-core CI machine); an
+    # unbounded exit would wait out the 10 s request timeout or the 30 s batch deadline
+    assert exited - last_call < 2.0 + 1.5, f"exit took {exited - last_call:.2f} s after the work"
 
     segments = sorted(spool_dir.rglob("*.seg"))
     spooled = [r for seg in segments for r in read_segment(seg).records]
