@@ -15,6 +15,7 @@ ENV_PREFIX = "BQ_AUDIT_"
 _CODE_ONLY = {"redactors"}  # not settable from the environment
 _LABEL = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
+SINKS = ("insert_all", "write_api")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -30,6 +31,11 @@ class AuditSettings:
     location: str = DEFAULT_LOCATION
     emulator_host: str | None = None
     """Endpoint of a local BigQuery (e.g. 127.0.0.1:9050); also read from BIGQUERY_EMULATOR_HOST."""
+    sink: str = "insert_all"
+    """How rows are written: `insert_all` (streaming inserts, dedup by insertId) or
+    `write_api` (Storage Write API, Arrow, `_default` stream; extra `write-api`)."""
+    write_api_host: str | None = None
+    """`host:port` of an emulator's Storage Write API (gRPC); needed with `emulator_host`."""
     auto_create: bool = True
     """Create the dataset, table and views on the writer's first write if they are missing,
     and add columns a table made by an older version lacks."""
@@ -96,6 +102,13 @@ class AuditSettings:
         for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s", "run_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.sink not in SINKS:
+            raise ValueError(f"sink must be one of {', '.join(SINKS)}, got {self.sink!r}")
+        if self.sink == "write_api" and self.emulator_host and not self.write_api_host:
+            raise ValueError(
+                "sink='write_api' with an emulator needs write_api_host, the emulator's gRPC "
+                "host:port (LocalBigQuery.grpc_target, BQ_AUDIT_WRITE_API_HOST)"
+            )
         if self.capture_mode not in ("full", "redacted", "metadata"):
             raise ValueError(
                 f"capture_mode must be full, redacted or metadata, got {self.capture_mode!r}"

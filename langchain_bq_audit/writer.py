@@ -69,6 +69,8 @@ class Writer:
         self._client = client
         self._own_client = client is None
         self._sink: Any = None
+        if settings.sink == "write_api":
+            _require_write_api()
         self._provisioned = False
         self._max_queue = settings.max_queue_rows
         self._batch_rows = settings.batch_rows
@@ -167,6 +169,9 @@ class Writer:
             if thread is not None and thread is not threading.current_thread():
                 left = 0.2 if deadline is None else deadline - time.monotonic()
                 thread.join(max(0.0, min(0.2, left)))
+        close_sink = getattr(self._sink, "close", None)
+        if close_sink is not None:  # the Write API's long-lived call; reopened if used again
+            close_sink()
         self._seal_spool()
         return ok
 
@@ -447,14 +452,20 @@ class Writer:
         if self._sink is None:
             from .client import make_client
             from .provision import table_id
-            from .sinks.insert_all import InsertAllSink
 
             if self._client is None:
                 self._client = make_client(self.settings)
-            self._sink = InsertAllSink(
-                self._client, table_id(self._client, self.settings),
-                self.settings.request_timeout_s,
-            )  # fmt: skip
+            table = table_id(self._client, self.settings)
+            timeout = self.settings.request_timeout_s
+            if self.settings.sink == "write_api":
+                from .sinks.write_api import WriteApiSink
+
+                grpc_target = self.settings.write_api_host
+                self._sink = WriteApiSink(self._client, table, timeout, grpc_target)
+            else:
+                from .sinks.insert_all import InsertAllSink
+
+                self._sink = InsertAllSink(self._client, table, timeout)
         if not self._provisioned and self.settings.auto_create:
             from .provision import ensure_table
 
@@ -576,6 +587,24 @@ _writers: dict[tuple[Any, ...], Writer] = {}
 _registry_lock = threading.Lock()
 _hooks_installed = False
 _previous_sigterm: Any = None
+
+
+def _require_write_api() -> None:
+    missing = [m for m in ("pyarrow", "google.cloud.bigquery_storage_v1") if not _has(m)]
+    if missing:
+        raise ImportError(
+            f"sink='write_api' needs {' and '.join(missing)}: "
+            "pip install 'langchain-bq-audit[write-api]'"
+        )
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
 
 
 def get_writer(settings: AuditSettings, client: Any = None) -> Writer:

@@ -3,7 +3,7 @@
 # The tests start their own local BigQuery; extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/bootstrap.sh" local,dev,pulumi,notebook
+"$root/scripts/bootstrap.sh" local,dev,pulumi,notebook,write-api
 cd "$root"
 .venv/bin/ruff check langchain_bq_audit tests scripts
 .venv/bin/ruff format --check langchain_bq_audit tests scripts
