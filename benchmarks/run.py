@@ -5,8 +5,9 @@
 
 Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB messages, a no-op
 `run_inline` handler as the baseline, interleaved rounds), row building alone (no
-network), insertAll throughput from submit to committed rows (batch sizes swept), and
-memory over many calls. It starts its own embedded BigQuery.
+network), insertAll and Storage Write API throughput from submit to committed rows (batch
+sizes swept), and memory over many calls. It starts its own embedded BigQuery.
+`--only rows,sinks` runs some sections (import, hot, rows, sinks, memory).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def hot_path(client: Any, rounds: int, per_round: int) -> list[tuple[str, str]]:
             for _ in range(rounds):  # interleave so drift hits both alike
                 for name, handler in (("noop", noop), ("audit", audit)):
                     times[name] += batch(handler, per_round)
+                # untimed: rows still being built would otherwise slow the next no-op round
+                assert audit.flush(timeout=120), audit.stats()
             n, a = times["noop"], times["audit"]
             out.append((
                 f"{mode} {label}",
@@ -143,6 +146,10 @@ def captured_records(n: int) -> list[Any]:
 
 
 def row_building(n: int) -> list[tuple[str, str]]:
+    import json
+
+    from langchain_bq_audit.sinks.arrow import encode
+
     records = captured_records(n)
     settings = AuditSettings()
     start = time.perf_counter()
@@ -152,28 +159,43 @@ def row_building(n: int) -> list[tuple[str, str]]:
     for row in rows:
         chain.link(row)
     chained = time.perf_counter()
+    for i in range(0, n, 500):  # what insert_rows_json does with a batch
+        json.dumps({"rows": [{"insertId": r["event_id"], "json": r} for r in rows[i : i + 500]]})
+    as_json = time.perf_counter()
+    for i in range(0, n, 500):
+        encode(rows[i : i + 500])[0].serialize()
+    as_arrow = time.perf_counter()
+
+    def us(seconds: float) -> str:
+        return f"{seconds / n * 1e6:.1f} us/row"
+
     return [
-        ("rows built (no network)", f"{n / (built - start):,.0f} rows/s "
-                                    f"({(built - start) / n * 1e6:.1f} us/row)"),
-        ("hash chain", f"{(chained - built) / n * 1e6:.1f} us/row"),
+        ("rows built (no network)", f"{n / (built - start):,.0f} rows/s ({us(built - start)})"),
+        ("hash chain", us(chained - built)),
         ("build + chain", f"{n / (chained - start):,.0f} rows/s (target >= 20,000)"),
+        ("encode: insertAll JSON / Arrow", f"{us(as_json - chained)} / {us(as_arrow - as_json)}"),
     ]  # fmt: skip
 
 
-def insert_all_throughput(client: Any, n: int) -> list[tuple[str, str]]:
+def sink_throughput(client: Any, grpc_target: str, n: int) -> list[tuple[str, str]]:
     records = captured_records(n)
     out = []
-    for batch_rows in (100, 500, 2000):
-        settings = AuditSettings(table=f"bench_tp_{batch_rows}", batch_rows=batch_rows,
-                                 batch_age_s=0.05, spool_enabled=False)  # fmt: skip
-        writer = Writer(settings, client)
-        start = time.perf_counter()
-        for r in records:
-            writer.submit(r)
-        assert writer.flush(300), writer.stats()
-        elapsed = time.perf_counter() - start
-        out.append((f"insertAll, batch {batch_rows}", f"{n / elapsed:,.0f} rows/s committed"))
-        writer.close(10)
+    for sink in ("insert_all", "write_api"):
+        for batch_rows in (100, 500, 2000):
+            settings = AuditSettings(table=f"bench_{sink}_{batch_rows}", batch_rows=batch_rows,
+                                     batch_age_s=0.05, spool_enabled=False, sink=sink,
+                                     write_api_host=grpc_target)  # fmt: skip
+            writer = Writer(settings, client)
+            writer.submit(records[0])  # the table and the sink's connection, made untimed
+            assert writer.flush(60), writer.stats()
+            start = time.perf_counter()
+            for r in records:
+                writer.submit(r)
+            assert writer.flush(300), writer.stats()
+            elapsed = time.perf_counter() - start
+            name = "insertAll" if sink == "insert_all" else "Storage Write API"
+            out.append((f"{name}, batch {batch_rows}", f"{n / elapsed:,.0f} rows/s committed"))
+            writer.close(10)
     return out
 
 
@@ -203,15 +225,22 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100_000, help="calls in the memory run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=400)
+    parser.add_argument("--only", default="import,hot,rows,sinks,memory", help="sections")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     results: list[tuple[str, str]] = []
-    results += import_cost()
+    if "import" in only:
+        results += import_cost()
     with LocalBigQuery(tempfile.mkdtemp(prefix="bq-audit-bench-")) as bq:
         client = bq.client()
-        results += hot_path(client, args.rounds, args.per_round)
-        results += row_building(20_000)
-        results += insert_all_throughput(client, 20_000)
-        results += memory(client, args.calls)
+        if "hot" in only:
+            results += hot_path(client, args.rounds, args.per_round)
+        if "rows" in only:
+            results += row_building(20_000)
+        if "sinks" in only:
+            results += sink_throughput(client, bq.grpc_target, 20_000)
+        if "memory" in only:
+            results += memory(client, args.calls)
     width = max(len(k) for k, _ in results)
     print(
         f"langchain-bq-audit benchmarks (Python {sys.version.split()[0]}, {os.cpu_count()} cores)"

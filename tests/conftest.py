@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,6 +95,33 @@ def mocks() -> Iterator[Any]:
 def query(client: Any, sql: str, **params: Any) -> list[dict[str, Any]]:
     """Run a query with named parameters and return plain dict rows."""
     return run_query(client, sql, params)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` until true; fail saying `what` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def create_table_with_required_user(client: Any, table: str) -> None:
+    """The audit table as made elsewhere with user_id REQUIRED: rows without a user are
+    invalid there (a permanent, per-row rejection)."""
+    from google.cloud import bigquery
+
+    from langchain_bq_audit import schema
+
+    fields = [
+        bigquery.SchemaField(f.name, f.field_type,
+                             mode="REQUIRED" if f.name == "user_id" else f.mode)
+        for f in schema.to_schema_fields()
+    ]  # fmt: skip
+    client.create_dataset(f"{client.project}.language_model_logging", exists_ok=True)
+    client.create_table(
+        bigquery.Table(f"{client.project}.language_model_logging.{table}", schema=fields)
+    )
 
 
 @pytest.fixture

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.cloud import bigquery
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
-from langchain_bq_audit import BigQueryAuditHandler, schema
+from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.spool import read_segment
 
-from .conftest import query
+from .conftest import create_table_with_required_user, query, wait_for
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
@@ -50,14 +49,6 @@ def through(proxy: FaultProxy) -> Any:
 def count(bq_client: Any, table: str, view: bool = False) -> int:
     name = f"local.{DATASET}.{table}{'_dedup' if view else ''}"
     return query(bq_client, f"SELECT COUNT(*) AS n FROM `{name}`")[0]["n"]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_outage_in_the_middle_of_10000_calls_loses_nothing(
@@ -248,14 +239,7 @@ def test_kill_9_while_spooling_leaves_a_readable_spool(
 def test_a_permanently_invalid_row_is_dead_lettered_and_its_batch_written(
     bq_client, table_name, spool_dir
 ) -> None:
-    # A table made elsewhere with user_id REQUIRED: rows without a user are invalid there.
-    fields = [
-        bigquery.SchemaField(f.name, f.field_type, mode="REQUIRED" if f.name == "user_id"
-                             else f.mode)
-        for f in schema.to_schema_fields()
-    ]  # fmt: skip
-    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
-    bq_client.create_table(bigquery.Table(f"local.{DATASET}.{table_name}", schema=fields))
+    create_table_with_required_user(bq_client, table_name)
 
     handler = BigQueryAuditHandler(client=bq_client, table=table_name,
                                    spool_dir=str(spool_dir), batch_age_s=3600)  # fmt: skip

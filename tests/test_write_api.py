@@ -8,17 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.cloud import bigquery
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
-from langchain_bq_audit import BigQueryAuditHandler, schema
+from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.integrity import verify
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.spool import read_segment
 
-from .conftest import query
+from .conftest import create_table_with_required_user, query, wait_for
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
@@ -33,14 +32,6 @@ def grpc_proxy(emulator) -> Iterator[FaultProxy]:
 
 def rows_of(bq_client: Any, table: str, view: str = "") -> list[dict[str, Any]]:
     return query(bq_client, f"SELECT * FROM `local.{DATASET}.{table}{view}` ORDER BY seq")
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_rows_written_through_the_write_api_equal_insert_all_rows(
@@ -109,14 +100,7 @@ def test_a_large_batch_goes_as_several_requests_and_lands_whole(
 def test_an_invalid_row_is_dead_lettered_and_its_neighbours_written(
     emulator, bq_client, table_name, tmp_path
 ) -> None:
-    # A table made elsewhere with user_id REQUIRED: rows without a user are invalid there.
-    fields = [
-        bigquery.SchemaField(f.name, f.field_type, mode="REQUIRED" if f.name == "user_id"
-                             else f.mode)
-        for f in schema.to_schema_fields()
-    ]  # fmt: skip
-    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
-    bq_client.create_table(bigquery.Table(f"local.{DATASET}.{table_name}", schema=fields))
+    create_table_with_required_user(bq_client, table_name)
     handler = BigQueryAuditHandler(
         client=bq_client, table=table_name, sink="write_api", batch_age_s=3600,
         write_api_host=emulator.grpc_target, spool_dir=str(tmp_path),
