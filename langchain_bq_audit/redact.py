@@ -58,8 +58,27 @@ _PHONE = re.compile(
 )
 
 
+# Literals every credential pattern above contains. Substring scans are ~10x faster than
+# the patterns on long text (Python's regex engine tries each alternative at every
+# position), so the patterns run only on text holding one of these.
+_MARKERS = (
+    "-----BEGIN", "sk-", "sk_", "rk_", "pk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
+    "github_pat_", "xox", "AIza", "hf_", "AKIA", "ASIA", "eyJ",
+)  # fmt: skip
+_MARKERS_ANY_CASE = ("bearer", "basic", "token", "secret_access_key", "aws_secret")
+
+
+def _may_hold_secret(text: str) -> bool:
+    if any(marker in text for marker in _MARKERS):
+        return True
+    lowered = text.lower()
+    return any(marker in lowered for marker in _MARKERS_ANY_CASE)
+
+
 def remove_secrets(text: str) -> str:
     """Replace credentials in known formats (API keys, tokens, private keys) by `[SECRET]`."""
+    if not _may_hold_secret(text):
+        return text
     text = _SECRETS.sub("[SECRET]", text)
     text = _AUTH_HEADER.sub(r"\1\2[SECRET]", text)
     return _AWS_SECRET.sub(r"\1\2[SECRET]", text)
