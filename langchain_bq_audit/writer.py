@@ -612,6 +612,12 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
     key = (*settings.destination, id(client) if client is not None else None)
     writer = _writers.get(key)
     if writer is not None:
+        if writer.settings.sink != settings.sink:  # one writer per table: the first one's sink
+            writer._warn(
+                "sink",
+                f"langchain-bq-audit: {writer.destination} is already written with "
+                f"sink={writer.settings.sink!r}; sink={settings.sink!r} is ignored for it",
+            )
         return writer
     with _registry_lock:
         writer = _writers.get(key)

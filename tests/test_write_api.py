@@ -217,3 +217,14 @@ def test_rows_arrow_cannot_take_are_reported_alone() -> None:
     assert batch.column("input_text").to_pylist() == ["in0", "in2", "in4"]
     assert batch.column("tags").to_pylist() == [[], [], []]  # a NULL list rejects a batch
     assert str(batch.column("timestamp")[0]) == "2026-11-25 10:00:00.000001+00:00"
+
+
+def test_a_second_handler_asking_another_sink_for_the_same_table_is_told(
+    emulator, bq_client, table_name, tmp_path, caplog
+) -> None:
+    first = BigQueryAuditHandler(client=bq_client, table=table_name, spool_dir=str(tmp_path))
+    second = BigQueryAuditHandler(client=bq_client, table=table_name, sink="write_api",
+                                  write_api_host=emulator.grpc_target)  # fmt: skip
+    assert second._writer is first._writer
+    assert "sink='write_api' is ignored" in caplog.text
+    first.close()
