@@ -23,11 +23,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from .settings import TRUE_WORDS
+
 if TYPE_CHECKING:
     from .handler import BigQueryAuditHandler
 
 ENV_VAR = "LANGCHAIN_BQ_AUDIT"
-_TRUE = {"1", "true", "yes", "on"}
 logger = logging.getLogger(__name__)
 
 
@@ -92,7 +93,7 @@ class _GlobalHandler:
     def get(self) -> BigQueryAuditHandler | None:
         if self.state == "on":
             return self.handler
-        if self.state == "off" or os.environ.get(ENV_VAR, "").strip().lower() not in _TRUE:
+        if self.state == "off" or os.environ.get(ENV_VAR, "").strip().lower() not in TRUE_WORDS:
             return None
         return self.handler or self._from_env()
 

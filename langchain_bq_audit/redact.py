@@ -22,7 +22,6 @@ from typing import Any
 from .schema import JSON_COLUMNS
 
 Redactor = Callable[[str], str]
-CAPTURE_MODES = ("full", "redacted", "metadata")
 
 #: Columns whose text can carry what a user typed or a model said.
 TEXT_COLUMNS = (

@@ -16,7 +16,8 @@ _CODE_ONLY = {"redactors"}  # not settable from the environment
 _LABEL = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 SINKS = ("insert_all", "write_api")
-_TRUE = {"1", "true", "yes", "on"}
+CAPTURE_MODES = ("full", "redacted", "metadata")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # also what LANGCHAIN_BQ_AUDIT takes
 _FALSE = {"0", "false", "no", "off", ""}
 
 
@@ -109,7 +110,7 @@ class AuditSettings:
                 "sink='write_api' with an emulator needs write_api_host, the emulator's gRPC "
                 "host:port (LocalBigQuery.grpc_target, BQ_AUDIT_WRITE_API_HOST)"
             )
-        if self.capture_mode not in ("full", "redacted", "metadata"):
+        if self.capture_mode not in CAPTURE_MODES:
             raise ValueError(
                 f"capture_mode must be full, redacted or metadata, got {self.capture_mode!r}"
             )
@@ -188,7 +189,7 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
     try:
         if type_name.startswith("bool"):
             lowered = raw.strip().lower()
-            if lowered in _TRUE:
+            if lowered in TRUE_WORDS:
                 return True
             if lowered in _FALSE:
                 return False

@@ -335,7 +335,7 @@ class Writer:
                     self._rows_markers += 1
                     self._cond.notify()
                 continue
-            self.counters["accepted"] += 1
+            self._count("accepted", 1)  # under the lock: spool_memory counts from another thread
             row = self._row(item)
             size = row_size(row)
             with self._cond:
@@ -575,10 +575,8 @@ class Writer:
 
     def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Replay the spool in the calling thread (what `bq-audit replay` does)."""
-        if self.spool is not None:
-            self._seal_spool()
         self._mark_up()
-        return self._replay(progress)
+        return self._replay(progress)  # which seals the open segment first
 
 
 # -- one writer per process and destination; exit, signal and fork handling -----------------

@@ -57,8 +57,8 @@ class _AppendCall:
             for answer in self._call:
                 self.answers.put(answer)
             self.answers.put(_Closed(None, "the server closed the AppendRows call"))
-        except Exception as exc:  # grpc.RpcError, or a GoogleAPICallError from the wrapper
-            self.answers.put(_Closed(_status_number(exc), _describe(exc)))
+        except Exception as exc:  # grpc.RpcError: the call failed
+            self.answers.put(_closed(exc))
 
     def send(self, request: Any) -> None:
         self._requests.put(request)
@@ -172,21 +172,14 @@ def _outcome(
     return _answer(answer, indexes, errors)
 
 
-def _describe(exc: BaseException) -> str:
-    """One line: the status and details of a failed call (not gRPC's multi-line repr)."""
-    if callable(getattr(exc, "details", None)) and callable(getattr(exc, "code", None)):
-        code = exc.code()  # type: ignore[attr-defined]
-        return f"AppendRows {getattr(code, 'name', code)}: {exc.details()}"  # type: ignore[attr-defined]
-    return f"AppendRows {type(exc).__name__}: {exc}"
-
-
-def _status_number(exc: BaseException) -> int | None:
-    """The gRPC status code number of a failed call, if it says one."""
-    status = getattr(exc, "grpc_status_code", None)  # GoogleAPICallError
-    if status is None and callable(getattr(exc, "code", None)):
-        status = exc.code()  # type: ignore[attr-defined]  # grpc.RpcError
-    value = getattr(status, "value", None)
-    return value[0] if isinstance(value, tuple) else None
+def _closed(exc: BaseException) -> _Closed:
+    """A failed call's status code number and one line of details (not gRPC's repr)."""
+    call: Any = exc  # a grpc.RpcError is also a grpc.Call: code() and details()
+    code = call.code() if callable(getattr(call, "code", None)) else None
+    value = getattr(code, "value", None)
+    number = value[0] if isinstance(value, tuple) else None
+    details = call.details() if callable(getattr(call, "details", None)) else str(exc)
+    return _Closed(number, f"AppendRows {getattr(code, 'name', type(exc).__name__)}: {details}")
 
 
 def _failure(code: int | None, message: str) -> Exception:
