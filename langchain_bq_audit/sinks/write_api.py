@@ -93,10 +93,18 @@ class WriteApiSink:
         return self._call
 
     def close(self) -> None:
-        """End the open call (a new one is opened by the next write)."""
+        """End the open call and drop the connection; the next write makes both anew.
+
+        After a timeout the TCP connection itself may be the dead part (a hung peer, a
+        stalled middlebox), and gRPC would carry every later call over it.
+        """
         call, self._call = self._call, None
+        client, self._client = self._client, None
         if call is not None:
             call.close()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.transport.close()
 
     def _requests(self, batch: Any, call: _AppendCall) -> list[tuple[int, int, Any]]:
         """`(start, length, request)` for slices of `batch` of about `_REQUEST_BYTES`."""
