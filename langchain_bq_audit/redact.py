@@ -29,31 +29,42 @@ TEXT_COLUMNS = (
     "tool_calls", "metadata", "invocation_params",
 )  # fmt: skip
 
+# Where a credential may start: not inside a word, but also right after a JSON escape such
+# as `\n`, since messages and dict inputs are scanned as JSON text ("a\nsk-..." is
+# `a\\nsk-...` there, and `\b` sees no word boundary between the `n` and the `s`).
+_START = r"(?:(?<!\w)|(?<=\\[nrtbf]))"
 _SECRETS = re.compile(
     "|".join(
         (
             # a private key block, to its end (or the end of the text, when cut)
             r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE"
             r" KEY-----|$)",
-            r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-]{20,}",  # OpenAI, Anthropic
-            r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe
-            r"\bgh[pousr]_[A-Za-z0-9]{36,}|\bgithub_pat_[A-Za-z0-9_]{40,}",  # GitHub
-            r"\bxox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
-            r"\bAIza[0-9A-Za-z_\-]{35}",  # Google API key
-            r"\bhf_[A-Za-z0-9]{30,}",  # Hugging Face
-            r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
-            r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
+            _START + r"sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{20,}",  # OpenAI, Anthropic
+            _START + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe
+            _START + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})",  # GitHub
+            _START + r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
+            _START + r"AIza[0-9A-Za-z_\-]{35}",  # Google API key
+            _START + r"hf_[A-Za-z0-9]{30,}",  # Hugging Face
+            _START + r"(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
+            _START + r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
         )
     )
 )
-_AUTH_HEADER = re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=\-]{16,}")
+_AUTH_HEADER = re.compile(
+    _START + r"(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=\-]{16,}", re.IGNORECASE
+)
 _AWS_SECRET = re.compile(
     r"(?i)(secret_access_key|aws_secret)([\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9/+=]{40}"
 )
-_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}")
+# An address starts after a JSON escape or a character an address cannot hold.
+_EMAIL = re.compile(
+    r"(?:(?<=\\[nrtbf])|(?<![A-Za-z0-9._%+\-\\]))"
+    r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+)
 _CARD = re.compile(r"(?<![\d\-])\d(?:[ \-]?\d){12,18}(?![\d\-])")
 _PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{2,4}(?:[ .\-]\d{2,4}){1,4}(?!\w)"
+    r"(?:(?<=\\[nrtbf])|(?<![\w+]))"
+    r"(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{2,4}(?:[ .\-]\d{2,4}){1,4}(?!\w)"
 )
 
 

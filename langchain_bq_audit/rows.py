@@ -561,8 +561,10 @@ def build_row(rec: RunRecord, settings: AuditSettings = _DEFAULT_SETTINGS) -> di
         row = _minimal_row(rec, settings)
         row["error_message"] = f"langchain-bq-audit could not render this run: {exc!r}"[:2000]
     capture(row, settings.capture_mode)
-    fit_row(row, settings.max_field_chars, settings.max_row_bytes)
+    # Redact the whole text, then cut: a cut first could leave a credential's head too
+    # short for its pattern to recognise.
     redact_row(row, settings.capture_mode, settings.redactors, settings.user_id_key)
+    fit_row(row, settings.max_field_chars, settings.max_row_bytes)
     return row
 
 

@@ -13,13 +13,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from langchain_core.language_models.fake_chat_models import (
     FakeListChatModel,
     GenericFakeChatModel,
 )
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
 from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.integrity import row_hash, verify
@@ -95,6 +96,51 @@ def test_full_mode_keeps_text_but_never_credentials(make_handler, read_rows) -> 
     assert PII["email"] in dump and "Project Falcon" in dump  # full: the text as it came
     for name in ("api_key", "bearer", "aws", "pem"):
         assert PII[name] not in dump, name
+
+
+def run_history_chain(handler: BigQueryAuditHandler, history: list[Any]) -> None:
+    prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
+    chain = prompt | FakeListChatModel(responses=["ok"]) | StrOutputParser()
+    chain.invoke({"history": history, "q": "go on"}, config={"callbacks": [handler]})
+
+
+@pytest.mark.parametrize("mode", ["full", "redacted"])
+def test_credentials_after_a_line_break_are_removed_from_json_rendered_columns(
+    make_handler, read_rows, mode: str
+) -> None:
+    """Messages become JSON (input_messages, a chain's input_text), where a line break is
+    the two characters `\\n`: a credential right after one must still be found."""
+    history = [HumanMessage("line one\n" + PII["api_key"] + "\tand\n" + PII["aws"]),
+               AIMessage("noted\n" + PII["email"] + "\n" + PII["phone"])]  # fmt: skip
+    handler = make_handler(capture_mode=mode)
+    run_history_chain(handler, history)
+    assert handler.flush(timeout=20)
+    rows = read_rows()
+    assert len(rows) == 4
+    dump = json.dumps(rows, default=str)
+    assert PII["api_key"] not in dump and PII["aws"] not in dump
+    assert "[SECRET]" in dump
+    (model_row,) = [r for r in rows if r["run_type"] == "chat_model"]
+    contents = [m["content"] for m in model_row["input_messages"]]  # still valid JSON
+    assert contents[0] == "line one\n[SECRET]\tand\n[SECRET]"
+    if mode == "redacted":
+        assert PII["email"] not in dump and PII["phone"] not in dump
+        assert contents[1] == "noted\n[EMAIL]\n[PHONE]"
+    else:
+        assert contents[1] == history[1].content
+
+
+def test_a_credential_across_the_length_limit_is_removed_whole(make_handler, read_rows) -> None:
+    """Text is cut to `max_field_chars` after redaction: a key the cut would split (leaving
+    a prefix too short to recognise) is removed before the cut."""
+    handler = make_handler(max_field_chars=300)
+    text = "x" * 281 + " " + PII["api_key"]  # "user: " + text: the cut keeps "sk-proj-0123"
+    FakeListChatModel(responses=["ok"]).invoke(text, config={"callbacks": [handler]})
+    assert handler.flush(timeout=20)
+    (row,) = read_rows()
+    assert row["is_truncated"] is True
+    assert row["input_text"].startswith("user: " + "x" * 281)
+    assert "sk-proj" not in json.dumps(row, default=str)
 
 
 def test_no_unredacted_text_reaches_the_spool(tmp_path: Path) -> None:
