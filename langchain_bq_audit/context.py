@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
 import importlib.util
 import logging
 import os
@@ -123,8 +122,10 @@ def _register() -> None:
     register_configure_hook(cast("ContextVar[Any]", _global), inheritable=True)
 
 
-class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+class _RegisterWhenImported:
     """Registers the hook right after LangChain imports `langchain_core.tracers.context`.
+
+    A meta path finder needs only `find_spec` (not `importlib.abc`, which costs 8 ms).
 
     That module imports langsmith (about a second); LangChain imports it itself on the
     first run it configures, so waiting for that keeps `import langchain_bq_audit` fast.

@@ -6,7 +6,6 @@ This module imports nothing of ours and nothing of Google's at import time.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +136,8 @@ def to_api_json() -> list[dict[str, Any]]:
 
 def to_json(indent: int | None = 2) -> str:
     """The schema as a JSON string."""
+    import json
+
     return json.dumps(to_api_json(), indent=indent)
 
 

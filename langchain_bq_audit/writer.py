@@ -28,15 +28,18 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import project_hint
-from .integrity import HashChain
 from .records import RunRecord
-from .rows import build_row, row_size
 from .settings import AuditSettings
-from .spool import Spool, default_spool_dir
 from .tracker import RunTracker
+
+if TYPE_CHECKING:
+    from .spool import Spool
+
+# Row building, hashing and the spool (json, regexes, zlib) are imported when a writer is
+# made or its builder runs, not by `import langchain_bq_audit`: import cost is a target.
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class Writer:
         self.destination = f"{project_hint(settings, client)}.{settings.dataset}.{settings.table}"
         self.spool: Spool | None = None
         if settings.spool_enabled:
+            from .spool import Spool, default_spool_dir
+
             root = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
             self.spool = Spool(root, self.destination, settings.max_spool_bytes)
         self._reset_process_state()
@@ -104,6 +109,8 @@ class Writer:
         self._next_probe = 0.0
         self._probe_wait = _PROBE_FIRST_S
         # a chain per writer and process: a forked child starts a chain of its own
+        from .integrity import HashChain
+
         self._chain = HashChain() if self.settings.hash_chain else None
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
@@ -285,6 +292,8 @@ class Writer:
 
     def _row(self, record: RunRecord) -> dict[str, Any]:
         """The row of a finished run, built with its handler's settings, then chained."""
+        from .rows import build_row  # a dict lookup once loaded
+
         owner = record.owner
         row = build_row(record, owner.settings if owner is not None else self.settings)
         if self._chain is not None:
@@ -318,6 +327,8 @@ class Writer:
         self._records.extend(self.tracker.sweep(time.time()))
 
     def _build(self) -> None:
+        from .rows import row_size
+
         records = self._records
         settings = self.settings
         limit = settings.max_buffer_bytes

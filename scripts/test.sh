@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh" local,dev,pulumi,notebook,write-api
 cd "$root"
-.venv/bin/ruff check langchain_bq_audit tests scripts
-.venv/bin/ruff format --check langchain_bq_audit tests scripts
-.venv/bin/mypy langchain_bq_audit
+.venv/bin/ruff check langchain_bq_audit tests scripts benchmarks
+.venv/bin/ruff format --check langchain_bq_audit tests scripts benchmarks
+.venv/bin/mypy langchain_bq_audit benchmarks
 exec .venv/bin/python -m pytest "$@"
