@@ -28,10 +28,12 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+from langchain_core.runnables import RunnableConfig
 
 from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.emulator import LocalBigQuery
 from langchain_bq_audit.integrity import HashChain
+from langchain_bq_audit.records import RunRecord
 from langchain_bq_audit.rows import build_row
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.writer import Writer
@@ -171,7 +173,7 @@ def captured_records(n: int) -> list[Any]:
     """Finished-run records of real chain calls, caught before the writer sees them."""
     handler = BigQueryAuditHandler(table="bench_capture", emulator_host="127.0.0.1:9",
                                    spool_enabled=False, handle_sigterm=False)  # fmt: skip
-    records: list[Any] = []
+    records: list[RunRecord] = []
     handler._submit = records.append  # the benchmark keeps the records instead of writing them
     chain, inputs = chains()["small"]
     while len(records) < n:
@@ -236,7 +238,7 @@ def sink_throughput(client: Any, grpc_target: str, n: int) -> list[tuple[str, st
 def memory(client: Any, calls: int) -> list[tuple[str, str]]:
     handler = BigQueryAuditHandler(client=client, table="bench_memory")
     model = FakeListChatModel(responses=["ok"])
-    cfg = {"callbacks": [handler]}
+    cfg: RunnableConfig = {"callbacks": [handler]}
     for _ in range(2000):
         model.invoke("q", config=cfg)
     settle(handler)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -81,7 +81,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
         self.settings = settings
         self._writer = get_writer(settings, client)
-        self._submit = self._writer.submit
+        self._submit: Callable[[RunRecord], None] = self._writer.submit
         tracker = self._writer.tracker
         self._tracker = tracker
         self._runs = tracker.runs  # shared by every handler of this table
