@@ -53,6 +53,11 @@ def _float(text: str) -> int | float:
     return _norm(float(text))  # type: ignore[no-any-return]
 
 
+# Made once: `json.loads`/`json.dumps` with options build a new decoder/encoder per call.
+_DECODE = json.JSONDecoder(parse_float=_float).decode
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
     """The bytes a row's hash is taken over (everything but `row_hash` itself).
 
@@ -66,13 +71,11 @@ def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
         if key in _TIMESTAMPS:
             value = _micros(value)
         elif key in JSON_COLUMNS:
-            value = _norm(value) if json_parsed else json.loads(value, parse_float=_float)
+            value = _norm(value) if json_parsed else _DECODE(value)
         elif type(value) is float:  # the only scalar _norm changes
             value = _norm(value)
         out[key] = value
-    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass"
-    )
+    return _ENCODE(out).encode("utf-8", "surrogatepass")
 
 
 def row_hash(row: Mapping[str, Any], json_parsed: bool = False) -> str:

@@ -6,6 +6,7 @@ the run's identity and says what went wrong, so a strange input cannot lose a ro
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as _dt
 import itertools
@@ -29,7 +30,11 @@ _SECRET_NAMES = frozenset(
     {"api_key", "apikey", "token", "password", "passwd", "secret", "authorization", "auth"}
 )
 _SECRET_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_token", "_credentials")
+_secret_keys: dict[str, bool] = {}  # the same few keys come in every run's metadata
 _DEFAULT_SETTINGS = AuditSettings()
+_CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+# One encoder, made once: `json.dumps` with options builds a new one on every call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
 
 
 def iso(ts: float) -> str:
@@ -39,8 +44,13 @@ def iso(ts: float) -> str:
 
 def is_secret_key(key: str) -> bool:
     """True for keys that usually hold credentials (but not e.g. `max_tokens`)."""
-    k = key.lower().replace("-", "_")
-    return k in _SECRET_NAMES or k.endswith(_SECRET_SUFFIXES)
+    known = _secret_keys.get(key)
+    if known is None:
+        k = key.lower().replace("-", "_")
+        known = k in _SECRET_NAMES or k.endswith(_SECRET_SUFFIXES)
+        if len(_secret_keys) < 10_000:  # bounded: keys can be data, e.g. ids
+            _secret_keys[key] = known
+    return known
 
 
 def clean_text(text: str) -> str:
@@ -64,9 +74,10 @@ def to_jsonable(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> A
     Cycles and excessive depth become marker strings, secret-looking keys and `SecretStr`
     values are removed, bytes become a size, unknown objects their repr.
     """
-    if value is None or isinstance(value, (bool, str)):
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
         return value
-    if isinstance(value, int):
+    if kind is int or isinstance(value, int):
         # BigQuery JSON keeps numbers exactly only within a double's 53 bits
         return value if -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT else str(value)
     if isinstance(value, float):
@@ -85,7 +96,7 @@ def to_jsonable(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> A
 
 
 def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for i, (k, v) in enumerate(value.items()):
             if i >= _MAX_ITEMS:
@@ -130,11 +141,9 @@ def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
 def dumps(value: Any) -> str:
     """Compact JSON of any value, valid UTF-8; never raises."""
     try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        text = _ENCODE(value)
     except (TypeError, ValueError, RecursionError):
-        text = json.dumps(
-            to_jsonable(value), separators=(",", ":"), allow_nan=False, ensure_ascii=False
-        )
+        text = _ENCODE(to_jsonable(value))
     return clean_text(text)
 
 
@@ -226,11 +235,15 @@ def message_dict(message: Any) -> dict[str, Any]:
         "role": message_role(message),
         "content": content_parts(message.content),
     }
+    # A pydantic message keeps its fields in __dict__; getattr of a field another message
+    # type has (tool_call_id on a HumanMessage) goes through pydantic's slow __getattr__.
+    fields = getattr(message, "__dict__", None)
+    get = fields.get if fields is not None else lambda attr: getattr(message, attr, None)
     for attr in ("name", "tool_call_id", "id"):
-        value = getattr(message, attr, None)
+        value = get(attr)
         if value:
             out[attr] = value
-    tool_calls = getattr(message, "tool_calls", None)
+    tool_calls = get("tool_calls")
     if tool_calls:
         out["tool_calls"] = [_tool_call(c) for c in tool_calls]
     return out
@@ -469,10 +482,7 @@ def _name(rec: RunRecord) -> str | None:
 
 
 def _status(rec: RunRecord) -> str:
-    import asyncio  # here, on the writer thread: keeps `import langchain_bq_audit` light
-
-    cancelled = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
-    if rec.status == "error" and isinstance(rec.error, cancelled):
+    if rec.status == "error" and isinstance(rec.error, _CANCELLED):
         return "cancelled"
     return rec.status
 
@@ -486,6 +496,8 @@ def _metadata(rec: RunRecord) -> Mapping[str, Any] | None:
 
 
 def _tags(rec: RunRecord) -> list[str]:
+    if not rec.tags and rec.context is None:
+        return []
     tags = list(rec.tags or ())
     if rec.context is not None:
         tags += [t for t in rec.context.tags if t not in tags]
@@ -495,16 +507,17 @@ def _tags(rec: RunRecord) -> list[str]:
 def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     end = rec.end_time if rec.end_time is not None else rec.start_time
     session, user = resolve_session_user(_metadata(rec), rec.session_id, rec.user_id)
+    run_id = str(rec.run_id)
     return {
         "timestamp": iso(end),
         "input_text": "",
         "output_text": "",
         "user_id": user,
         "session_id": session,
-        "event_id": str(rec.run_id),
-        "run_id": str(rec.run_id),
+        "event_id": run_id,
+        "run_id": run_id,
         "parent_run_id": str(rec.parent_run_id) if rec.parent_run_id else None,
-        "trace_id": str(rec.trace_id),
+        "trace_id": run_id if rec.trace_id == rec.run_id else str(rec.trace_id),
         "run_type": rec.run_type,
         "name": _name(rec),
         "status": _status(rec),
@@ -555,7 +568,7 @@ def build_row(rec: RunRecord, settings: AuditSettings = _DEFAULT_SETTINGS) -> di
     try:
         row = _build(rec, settings)
         for key, value in row.items():
-            if isinstance(value, str):
+            if type(value) is str and not value.isascii():  # ASCII is valid UTF-8
                 row[key] = clean_text(value)
     except Exception as exc:  # a strange input: keep the run, say why its content is missing
         row = _minimal_row(rec, settings)
@@ -593,11 +606,19 @@ def _cut(key: str, value: str, limit: int) -> str:
 def fit_row(row: dict[str, Any], max_chars: int, max_bytes: int) -> None:
     """Cut texts to `max_chars`, then the largest ones until the row fits `max_bytes`."""
     truncated = False
+    chars = 0
     for key, value in row.items():
-        if isinstance(value, str) and len(value) > max_chars:
-            row[key] = _cut(key, value, max_chars)
-            truncated = True
-    while row_size(row) > max_bytes:
+        if isinstance(value, str):
+            if len(value) > max_chars:
+                row[key] = _cut(key, value, max_chars)
+                truncated = True
+            chars += len(value)
+        elif isinstance(value, list):
+            chars += sum(map(len, value))
+    # `row_size` is at most this (12 bytes a character, fixed overhead per value): when it
+    # fits, the row fits, and the sizing pass is skipped.
+    small = 64 + 56 * len(row) + 12 * chars + 4 * len(row.get("tags") or ()) <= max_bytes
+    while not (small and not truncated) and row_size(row) > max_bytes:
         key = max((k for k, v in row.items() if isinstance(v, str)), key=lambda k: len(row[k]))
         value = row[key]
         if len(value) < 200:  # nothing large left to cut; the rest is fixed overhead
@@ -613,12 +634,11 @@ def row_size(row: dict[str, Any]) -> int:
     insertAll bodies are sent with non-ASCII escaped, up to 12 bytes a character; ASCII
     text counts once. Cheap: `isascii` is a fast scan.
     """
-    size = 64
+    size = 64 + 32 * len(row)
     for value in row.values():
-        if isinstance(value, str):
-            size += (len(value) if value.isascii() else 12 * len(value)) + 24
-        elif isinstance(value, list):
-            size += sum(len(v) + 4 for v in value) + 24
-        else:
-            size += 32
+        kind = type(value)
+        if kind is str:
+            size += (len(value) if value.isascii() else 12 * len(value)) - 8
+        elif kind is list:
+            size += sum(len(v) + 4 for v in value) - 8
     return size
