@@ -235,18 +235,24 @@ def message_dict(message: Any) -> dict[str, Any]:
         "role": message_role(message),
         "content": content_parts(message.content),
     }
-    # A pydantic message keeps its fields in __dict__; getattr of a field another message
-    # type has (tool_call_id on a HumanMessage) goes through pydantic's slow __getattr__.
-    fields = getattr(message, "__dict__", None)
-    get = fields.get if fields is not None else lambda attr: getattr(message, attr, None)
     for attr in ("name", "tool_call_id", "id"):
-        value = get(attr)
+        value = _attr(message, attr)
         if value:
             out[attr] = value
-    tool_calls = get("tool_calls")
+    tool_calls = _attr(message, "tool_calls")
     if tool_calls:
         out["tool_calls"] = [_tool_call(c) for c in tool_calls]
     return out
+
+
+def _attr(obj: Any, name: str) -> Any:
+    """`getattr(obj, name, None)`, without pydantic's slow `__getattr__` for a field the
+    object's type lacks (tool_call_id on a HumanMessage): fields live in `__dict__`,
+    properties on the class."""
+    fields = getattr(obj, "__dict__", None)
+    if fields is None or name in fields:
+        return getattr(obj, name, None) if fields is None else fields[name]
+    return getattr(obj, name, None) if hasattr(type(obj), name) else None
 
 
 def _tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
