@@ -77,7 +77,8 @@ _MARKERS_DASH = ("-----BEGIN", "sk-", "xox")  # Slack's `xox?-`
 _MARKERS_UNDERSCORE = (
     "sk_", "rk_", "pk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "hf_",
 )  # fmt: skip
-_MARKERS_ANY_CASE = ("bearer", "basic", "token", "secret_access_key", "aws_secret")
+_MARKERS_ANY_CASE = ("bearer", "basic", "token")
+_MARKERS_ANY_CASE_UNDERSCORE = ("secret_access_key", "aws_secret")
 
 
 def _may_hold_secret(text: str) -> bool:
@@ -89,11 +90,15 @@ def _may_hold_secret(text: str) -> bool:
         for marker in _MARKERS_DASH:
             if marker in text:
                 return True
-    if "_" in text:
+    underscore = "_" in text
+    if underscore:
         for marker in _MARKERS_UNDERSCORE:
             if marker in text:
                 return True
     lowered = text.lower()
+    for marker in _MARKERS_ANY_CASE_UNDERSCORE if underscore else ():
+        if marker in lowered:
+            return True
     return any(marker in lowered for marker in _MARKERS_ANY_CASE)
 
 
@@ -183,6 +188,16 @@ def capture(row: dict[str, Any], mode: str) -> None:
         _metadata_only(row)
 
 
+def _with_markers(texts: dict[str, str]) -> dict[str, str]:
+    """The texts that may hold a credential. Short ones are scanned as one (a scan's
+    overhead is their cost); long ones alone (a `_` in one skips no group in the rest)."""
+    out = {key: text for key, text in texts.items() if len(text) > 2000}
+    short = [text for text in texts.values() if len(text) <= 2000]
+    if short and _may_hold_secret("\n".join(short)):
+        return texts
+    return {key: text for key, text in out.items() if _may_hold_secret(text)}
+
+
 def redact_row(
     row: dict[str, Any], mode: str, redactors: Sequence[Redactor], user_key: str | None
 ) -> None:
@@ -195,8 +210,8 @@ def redact_row(
     steps: list[Redactor] = [remove_secrets]
     if mode != "full":
         steps += [redact_personal, *redactors]
-    elif not _may_hold_secret("\n".join(texts.values())):  # one scan, not one per column
-        texts = {}
+    else:  # full: only credentials, and only in text that holds a marker
+        texts = _with_markers(texts)
     for key, value in texts.items():
         new = _apply(value, steps)
         if new != value and key in JSON_COLUMNS:

@@ -31,6 +31,7 @@ _SECRET_NAMES = frozenset(
 )
 _SECRET_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_token", "_credentials")
 _secret_keys: dict[str, bool] = {}  # the same few keys come in every run's metadata
+_class_attrs: dict[tuple[type, str], bool] = {}  # (message type, attribute): on the class?
 _DEFAULT_SETTINGS = AuditSettings()
 _CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
 # One encoder, made once: `json.dumps` with options builds a new one on every call.
@@ -252,7 +253,11 @@ def _attr(obj: Any, name: str) -> Any:
     fields = getattr(obj, "__dict__", None)
     if fields is None or name in fields:
         return getattr(obj, name, None) if fields is None else fields[name]
-    return getattr(obj, name, None) if hasattr(type(obj), name) else None
+    kind = type(obj)
+    on_class = _class_attrs.get((kind, name))
+    if on_class is None:  # pydantic's metaclass makes a miss cost an exception
+        on_class = _class_attrs[kind, name] = hasattr(kind, name)
+    return getattr(obj, name, None) if on_class else None
 
 
 def _tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
