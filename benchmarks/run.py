@@ -109,8 +109,12 @@ def pin_apart(emulator_pid: int) -> str:
     return f"emulator on CPU {cpus[-1]}, benchmark on CPU {','.join(map(str, cpus[:-1]))}"
 
 
-def chains() -> dict[str, tuple[Any, dict[str, Any]]]:
-    model = FakeListChatModel(responses=["ok"])
+def chains(wait_s: float | None = None) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """`prompt | fake chat model | parser`, small and with 20 messages of 2 KB.
+
+    `wait_s`: the model sleeps that long, as a real one waits on the network.
+    """
+    model = FakeListChatModel(responses=["ok"], sleep=wait_s)
     small = ChatPromptTemplate.from_messages([("human", "{q}")]) | model | StrOutputParser()
     history = [HumanMessage("x" * 2048) if i % 2 else AIMessage("y" * 2048) for i in range(19)]
     big_prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"),
@@ -126,7 +130,10 @@ def hot_path(client: Any, rounds: int, per_round: int) -> list[tuple[str, str]]:
     audit = BigQueryAuditHandler(client=client, table="bench_hot_path")
     noop = Noop()
     out = []
-    for label, (chain, inputs) in chains().items():
+    cases = [(label, chain, inputs, per_round) for label, (chain, inputs) in chains().items()]
+    cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
+              for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
+    for label, chain, inputs, count in cases:
         for mode in ("invoke", "ainvoke"):
             times: dict[str, list[float]] = {"noop": [], "audit": []}
 
@@ -151,10 +158,10 @@ def hot_path(client: Any, rounds: int, per_round: int) -> list[tuple[str, str]]:
 
                 return asyncio.run(calls())
 
-            batch(noop, per_round // 4), batch(audit, per_round // 4)  # warm up both
+            batch(noop, count // 4), batch(audit, count // 4)  # warm up both
             for _ in range(rounds):  # interleave so drift hits both alike
                 for name, handler in (("noop", noop), ("audit", audit)):
-                    times[name] += batch(handler, per_round)
+                    times[name] += batch(handler, count)
                 # untimed: rows still being built would otherwise slow the next no-op round
                 settle(audit)
             n, a = times["noop"], times["audit"]
@@ -162,7 +169,7 @@ def hot_path(client: Any, rounds: int, per_round: int) -> list[tuple[str, str]]:
                 f"{mode} {label}",
                 f"no-op p50 {pct(n, .5) * 1e6:.0f} us p99 {pct(n, .99) * 1e6:.0f} us | audit p50 "
                 f"{pct(a, .5) * 1e6:.0f} us p99 {pct(a, .99) * 1e6:.0f} us | ratio p50 "
-                f"{pct(a, .5) / pct(n, .5):.2f}x "
+                f"{pct(a, .5) / pct(n, .5):.2f}x p99 {pct(a, .99) / pct(n, .99):.2f}x "
                 f"mean {statistics.mean(a) / statistics.mean(n):.2f}x",
             ))  # fmt: skip
     settle(audit)

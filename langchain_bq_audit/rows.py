@@ -579,7 +579,7 @@ def build_row(rec: RunRecord, settings: AuditSettings = _DEFAULT_SETTINGS) -> di
     try:
         row = _build(rec, settings)
         for key, value in row.items():
-            if type(value) is str and not value.isascii():  # ASCII is valid UTF-8
+            if isinstance(value, str) and not value.isascii():  # ASCII is valid UTF-8
                 row[key] = clean_text(value)
     except Exception as exc:  # a strange input: keep the run, say why its content is missing
         row = _minimal_row(rec, settings)
@@ -629,7 +629,7 @@ def fit_row(row: dict[str, Any], max_chars: int, max_bytes: int) -> None:
     # `row_size` is at most this (12 bytes a character, fixed overhead per value): when it
     # fits, the row fits, and the sizing pass is skipped.
     small = 64 + 56 * len(row) + 12 * chars + 4 * len(row.get("tags") or ()) <= max_bytes
-    while not (small and not truncated) and row_size(row) > max_bytes:
+    while (truncated or not small) and row_size(row) > max_bytes:
         key = max((k for k, v in row.items() if isinstance(v, str)), key=lambda k: len(row[k]))
         value = row[key]
         if len(value) < 200:  # nothing large left to cut; the rest is fixed overhead
@@ -647,9 +647,8 @@ def row_size(row: dict[str, Any]) -> int:
     """
     size = 64 + 32 * len(row)
     for value in row.values():
-        kind = type(value)
-        if kind is str:
+        if isinstance(value, str):
             size += (len(value) if value.isascii() else 12 * len(value)) - 8
-        elif kind is list:
+        elif isinstance(value, list):
             size += sum(len(v) + 4 for v in value) - 8
     return size
