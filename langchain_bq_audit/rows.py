@@ -32,15 +32,29 @@ _SECRET_NAMES = frozenset(
 _SECRET_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_token", "_credentials")
 _secret_keys: dict[str, bool] = {}  # the same few keys come in every run's metadata
 _class_attrs: dict[tuple[type, str], bool] = {}  # (message type, attribute): on the class?
+_id_text: dict[UUID, str] = {}  # a trace's ids recur in its other rows (parent, trace)
 _DEFAULT_SETTINGS = AuditSettings()
 _CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+_SCALARS = frozenset({type(None), bool, int, float})
 # One encoder, made once: `json.dumps` with options builds a new one on every call.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
 
 
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def iso(ts: float) -> str:
-    """Epoch seconds -> ISO-8601 UTC (what insertAll wants for TIMESTAMP)."""
-    return _dt.datetime.fromtimestamp(ts, _UTC).isoformat()
+    """Epoch seconds -> ISO-8601 UTC with microseconds (what insertAll wants for TIMESTAMP).
+
+    The date and time of day are formatted once a second: rows come many a second.
+    """
+    global _last_second
+    second, micros = divmod(round(ts * 1_000_000), 1_000_000)
+    last, text = _last_second
+    if second != last:
+        text = _dt.datetime.fromtimestamp(second, _UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (second, text)
+    return f"{text}.{micros:06d}+00:00"
 
 
 def is_secret_key(key: str) -> bool:
@@ -515,6 +529,15 @@ def _tags(rec: RunRecord) -> list[str]:
     return [clean_text(str(t)) for t in tags]
 
 
+def _id(value: UUID) -> str:
+    text = _id_text.get(value)
+    if text is None:
+        if len(_id_text) >= 4096:  # bounded; a trace's rows come close together
+            _id_text.clear()
+        text = _id_text[value] = str(value)
+    return text
+
+
 def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     end = rec.end_time if rec.end_time is not None else rec.start_time
     session, user = resolve_session_user(_metadata(rec), rec.session_id, rec.user_id)
@@ -527,8 +550,8 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         "session_id": session,
         "event_id": run_id,
         "run_id": run_id,
-        "parent_run_id": str(rec.parent_run_id) if rec.parent_run_id else None,
-        "trace_id": run_id if rec.trace_id == rec.run_id else str(rec.trace_id),
+        "parent_run_id": _id(rec.parent_run_id) if rec.parent_run_id else None,
+        "trace_id": run_id if rec.trace_id == rec.run_id else _id(rec.trace_id),
         "run_type": rec.run_type,
         "name": _name(rec),
         "status": _status(rec),
@@ -619,6 +642,8 @@ def fit_row(row: dict[str, Any], max_chars: int, max_bytes: int) -> None:
     truncated = False
     chars = 0
     for key, value in row.items():
+        if type(value) in _SCALARS:
+            continue
         if isinstance(value, str):
             if len(value) > max_chars:
                 row[key] = _cut(key, value, max_chars)
