@@ -1,6 +1,6 @@
 """Side-by-side benchmarks of langchain-bq-audit; every ratio is measured in this one run.
 
-    .venv/bin/python -m benchmarks.run            # about 3 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run            # about 4 minutes on 2 cores
     .venv/bin/python -m benchmarks.run --calls 1000000   # the full memory run
 
 Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB messages, a no-op
