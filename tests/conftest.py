@@ -14,6 +14,8 @@ from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.emulator import LocalBigQuery
 from langchain_bq_audit.reading import run_query
 
+from .proxy import FaultProxy
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
@@ -90,6 +92,24 @@ def mocks() -> Iterator[Any]:
     yield recorder
     asyncio.set_event_loop(None)
     loop.close()
+
+
+def _proxied(port: int) -> Iterator[FaultProxy]:
+    p = FaultProxy(port)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def proxy(emulator: LocalBigQuery) -> Iterator[FaultProxy]:
+    """A TCP proxy in front of the emulator's HTTP port, to stall or reset on demand."""
+    yield from _proxied(emulator.port)
+
+
+@pytest.fixture
+def grpc_proxy(emulator: LocalBigQuery) -> Iterator[FaultProxy]:
+    """The same in front of its gRPC port (the Storage Write API)."""
+    yield from _proxied(emulator.grpc_port)
 
 
 def query(client: Any, sql: str, **params: Any) -> list[dict[str, Any]]:

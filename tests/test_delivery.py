@@ -10,7 +10,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,6 @@ from .conftest import create_table_with_required_user, query, wait_for
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
-
-
-@pytest.fixture
-def proxy(emulator) -> Iterator[FaultProxy]:
-    p = FaultProxy(emulator.port)
-    yield p
-    p.close()
 
 
 @pytest.fixture

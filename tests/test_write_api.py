@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,6 @@ from .conftest import create_table_with_required_user, query, wait_for
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
-
-
-@pytest.fixture
-def grpc_proxy(emulator) -> Iterator[FaultProxy]:
-    p = FaultProxy(emulator.grpc_port)
-    yield p
-    p.close()
 
 
 def rows_of(bq_client: Any, table: str, view: str = "") -> list[dict[str, Any]]:
