@@ -4,9 +4,10 @@
     .venv/bin/python -m benchmarks.run --calls 1000000   # the full memory run
 
 Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB messages, a no-op
-`run_inline` handler as the baseline, interleaved rounds), row building alone (no
-network), insertAll and Storage Write API throughput from submit to committed rows (batch
-sizes swept), and memory over many calls. It starts its own embedded BigQuery.
+`run_inline` handler as the baseline, the audit handler with its writer thread and with
+`writer_process=True`, interleaved rounds), row building alone (no network), insertAll and
+Storage Write API throughput from submit to committed rows (batch sizes swept), and memory
+over many calls. It starts its own embedded BigQuery.
 `--only rows,sinks` runs some sections (import, hot, rows, sinks, memory).
 """
 
@@ -37,6 +38,7 @@ from langchain_bq_audit.records import RunRecord
 from langchain_bq_audit.rows import build_row
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.writer import Writer
+from langchain_bq_audit.writer_process import ProcessWriter
 
 
 class Noop(BaseCallbackHandler):
@@ -45,8 +47,8 @@ class Noop(BaseCallbackHandler):
     run_inline = True
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
+def rss_mb(pid: int | str = "self") -> float:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
@@ -129,16 +131,38 @@ def chains(wait_s: float | None = None) -> dict[str, tuple[Any, dict[str, Any]]]
     }  # fmt: skip
 
 
-def hot_path(client: Any, rounds: int, per_round: int) -> list[tuple[str, str]]:
-    audit = BigQueryAuditHandler(client=client, table="bench_hot_path")
-    noop = Noop()
+def pin_writer_process(bq: LocalBigQuery, writer: Any) -> None:
+    """The writer process on the emulator's CPU: on a machine with cores to spare it runs on
+    one the application is not using (it would inherit this process's CPU otherwise)."""
+    pid = writer.stats()["writer_process"]
+    assert pid is not None, writer.stats()
+    if bq.pid is not None and hasattr(os, "sched_getaffinity"):
+        mask = os.sched_getaffinity(bq.pid)
+        for task in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(task), mask)
+
+
+def writer_process_handler(bq: LocalBigQuery, table: str) -> BigQueryAuditHandler:
+    """A handler with `writer_process=True`, its child pinned as above."""
+    handler = BigQueryAuditHandler(table=table, emulator_host=bq.endpoint, project=bq.project,
+                                   writer_process=True)  # fmt: skip
+    pin_writer_process(bq, handler)
+    return handler
+
+
+def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
+    handlers: dict[str, Any] = {
+        "no-op": Noop(),
+        "writer thread": BigQueryAuditHandler(client=client, table="bench_hot_path"),
+        "writer process": writer_process_handler(bq, "bench_hot_path_process"),
+    }
     out = []
     cases = [(label, chain, inputs, per_round) for label, (chain, inputs) in chains().items()]
     cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
               for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
     for label, chain, inputs, count in cases:
         for mode in ("invoke", "ainvoke"):
-            times: dict[str, list[float]] = {"noop": [], "audit": []}
+            times: dict[str, list[float]] = {name: [] for name in handlers}
 
             def batch(handler: Any, count: int, chain: Any = chain, inputs: Any = inputs,
                       mode: str = mode) -> list[float]:  # fmt: skip
@@ -161,21 +185,28 @@ def hot_path(client: Any, rounds: int, per_round: int) -> list[tuple[str, str]]:
 
                 return asyncio.run(calls())
 
-            batch(noop, count // 4), batch(audit, count // 4)  # warm up both
-            for _ in range(rounds):  # interleave so drift hits both alike
-                for name, handler in (("noop", noop), ("audit", audit)):
+            for handler in handlers.values():  # warm up each
+                batch(handler, count // 4)
+            for _ in range(rounds):  # interleave so drift hits each alike
+                for name, handler in handlers.items():
                     times[name] += batch(handler, count)
-                # untimed: rows still being built would otherwise slow the next no-op round
-                settle(audit)
-            n, a = times["noop"], times["audit"]
-            out.append((
-                f"{mode} {label}",
-                f"no-op p50 {pct(n, .5) * 1e6:.0f} us p99 {pct(n, .99) * 1e6:.0f} us | audit p50 "
-                f"{pct(a, .5) * 1e6:.0f} us p99 {pct(a, .99) * 1e6:.0f} us | ratio p50 "
-                f"{pct(a, .5) / pct(n, .5):.2f}x p99 {pct(a, .99) / pct(n, .99):.2f}x "
-                f"mean {statistics.mean(a) / statistics.mean(n):.2f}x",
-            ))  # fmt: skip
-    settle(audit)
+                    if name != "no-op":
+                        # untimed: rows still being built would otherwise slow the next round
+                        settle(handler)
+            n = times["no-op"]
+            out.append((f"{mode} {label}", f"no-op p50 {pct(n, .5) * 1e6:.0f} us "
+                                           f"p99 {pct(n, .99) * 1e6:.0f} us"))  # fmt: skip
+            for name in list(handlers)[1:]:
+                a = times[name]
+                out.append((
+                    f"  audit, {name}",
+                    f"p50 {pct(a, .5) * 1e6:.0f} us p99 {pct(a, .99) * 1e6:.0f} us | ratio p50 "
+                    f"{pct(a, .5) / pct(n, .5):.2f}x p99 {pct(a, .99) / pct(n, .99):.2f}x "
+                    f"mean {statistics.mean(a) / statistics.mean(n):.2f}x",
+                ))  # fmt: skip
+    for handler in list(handlers.values())[1:]:
+        settle(handler)
+        handler.close()
     return out
 
 
@@ -225,30 +256,35 @@ def row_building(n: int) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
-def sink_throughput(client: Any, grpc_target: str, n: int) -> list[tuple[str, str]]:
+def sink_throughput(client: Any, bq: LocalBigQuery, n: int) -> list[tuple[str, str]]:
     records = captured_records(n)
     out = []
-    for sink in ("insert_all", "write_api"):
-        for batch_rows in (100, 500, 2000):
-            settings = AuditSettings(table=f"bench_{sink}_{batch_rows}", batch_rows=batch_rows,
-                                     batch_age_s=0.05, spool_enabled=False, sink=sink,
-                                     write_api_host=grpc_target)  # fmt: skip
-            writer = Writer(settings, client)
-            writer.submit(records[0])  # the table and the sink's connection, made untimed
-            assert writer.flush(60), writer.stats()
-            start = time.perf_counter()
-            for r in records:
-                writer.submit(r)
-            assert writer.flush(300), writer.stats()
-            elapsed = time.perf_counter() - start
-            name = "insertAll" if sink == "insert_all" else "Storage Write API"
-            out.append((f"{name}, batch {batch_rows}", f"{n / elapsed:,.0f} rows/s committed"))
-            writer.close(10)
+    runs = [(sink, batch_rows, False) for sink in ("insert_all", "write_api")
+            for batch_rows in (100, 500, 2000)] + [("insert_all", 500, True)]  # fmt: skip
+    for sink, batch_rows, own_process in runs:
+        settings = AuditSettings(table=f"bench_{sink}_{batch_rows}_{int(own_process)}",
+                                 batch_rows=batch_rows, batch_age_s=0.05, spool_enabled=False,
+                                 sink=sink, write_api_host=bq.grpc_target,
+                                 emulator_host=bq.endpoint, project=bq.project)  # fmt: skip
+        writer: Writer | ProcessWriter = (ProcessWriter(settings) if own_process
+                                          else Writer(settings, client))  # fmt: skip
+        writer.submit(records[0])  # the table and the sink's connection, made untimed
+        assert writer.flush(60), writer.stats()
+        if own_process:
+            pin_writer_process(bq, writer)
+        start = time.perf_counter()
+        for r in records:
+            writer.submit(r)
+        assert writer.flush(300), writer.stats()
+        elapsed = time.perf_counter() - start
+        name = "insertAll" if sink == "insert_all" else "Storage Write API"
+        name += ", writer process" if own_process else ""
+        out.append((f"{name}, batch {batch_rows}", f"{n / elapsed:,.0f} rows/s committed"))
+        writer.close(10)
     return out
 
 
-def memory(client: Any, calls: int) -> list[tuple[str, str]]:
-    handler = BigQueryAuditHandler(client=client, table="bench_memory")
+def memory(handler: Any, label: str, calls: int) -> list[tuple[str, str]]:
     model = FakeListChatModel(responses=["ok"])
     cfg: RunnableConfig = {"callbacks": [handler]}
     for _ in range(2000):
@@ -266,10 +302,13 @@ def memory(client: Any, calls: int) -> list[tuple[str, str]]:
     settle(handler)
     gc.collect()
     after = rss_mb()
-    return [(f"memory over {calls:,} calls",
+    stats = handler.stats()
+    child = stats["writer_process"]
+    extra = f", writer process RSS {rss_mb(child):.0f} MB" if child else ""
+    return [(f"memory over {calls:,} calls, {label}",
              f"RSS {before:.0f} -> {half:.0f} (half way) -> {after:.0f} MB "
              f"(+{after - before:.1f} MB; target <= 50), "
-             f"pending runs {handler.stats()['pending_runs']}")]  # fmt: skip
+             f"pending runs {stats['pending_runs']}{extra}")]  # fmt: skip
 
 
 def main() -> None:
@@ -289,13 +328,18 @@ def main() -> None:
         assert bq.pid is not None
         results.append(("CPUs", pin_apart(bq.pid)))
         if "hot" in only:
-            results += hot_path(client, args.rounds, args.per_round)
+            results += hot_path(client, bq, args.rounds, args.per_round)
         if "rows" in only:
             results += row_building(20_000)
         if "sinks" in only:
-            results += sink_throughput(client, bq.grpc_target, 20_000)
+            results += sink_throughput(client, bq, 20_000)
         if "memory" in only:
-            results += memory(client, args.calls)
+            thread = BigQueryAuditHandler(client=client, table="bench_memory")
+            results += memory(thread, "writer thread", args.calls)
+            thread.close()
+            process = writer_process_handler(bq, "bench_memory_process")
+            results += memory(process, "writer process", args.calls)
+            process.close()
     width = max(len(k) for k, _ in results)
     print(
         f"langchain-bq-audit benchmarks (Python {sys.version.split()[0]}, {os.cpu_count()} cores)"

@@ -92,6 +92,9 @@ class AuditSettings:
     """When set, `user_id` is written as HMAC-SHA256 under this key (pseudonymous)."""
     hash_chain: bool = True
     """Chain the rows of each writer with SHA-256 so `bq-audit verify` can find edits."""
+    writer_process: bool = False
+    """Build and send rows in a child process, off the application's GIL: for apps whose
+    own CPU time is short next to their prompts (long histories, fast models, busy loops)."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -37,6 +37,7 @@ from .tracker import RunTracker
 
 if TYPE_CHECKING:
     from .spool import Spool
+    from .writer_process import ProcessWriter
 
 # Row building, hashing and the spool (json, regexes, zlib) are imported when a writer is
 # made or its builder runs, not by `import langchain_bq_audit`: import cost is a target.
@@ -90,7 +91,7 @@ class Writer:
 
     def _reset_process_state(self) -> None:
         """Fresh queues, threads and counters (at creation and in a forked child)."""
-        self._records: deque[RunRecord | _Marker] = deque()
+        self._records: deque[RunRecord | dict[str, Any] | _Marker] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # thread start/stop, counters
         self._cond = threading.Condition(threading.Lock())  # the row buffer and in-flight rows
@@ -119,7 +120,7 @@ class Writer:
 
     # -- callback path ---------------------------------------------------------------------
 
-    def submit(self, record: RunRecord) -> None:
+    def submit(self, record: RunRecord | dict[str, Any]) -> None:
         """Queue a finished run. O(1); never blocks, never raises."""
         records = self._records
         if len(records) >= self._max_queue:
@@ -223,6 +224,7 @@ class Writer:
         out["spool_bytes"] = self.spool.size_bytes() if self.spool else 0
         out["last_error"] = self.last_error
         out["last_write_time"] = self.last_write_time
+        out["writer_process"] = None  # rows are built and sent by this process's threads
         return out
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -290,12 +292,18 @@ class Writer:
 
     # -- builder thread --------------------------------------------------------------------
 
-    def _row(self, record: RunRecord) -> dict[str, Any]:
-        """The row of a finished run, built with its handler's settings, then chained."""
+    def _row(self, record: RunRecord | dict[str, Any]) -> dict[str, Any]:
+        """The row of a finished run, built with its handler's settings, then chained.
+
+        A dict is a row built already (by a `ProcessWriter` that could not send its run).
+        """
         from .rows import build_row  # a dict lookup once loaded
 
-        owner = record.owner
-        row = build_row(record, owner.settings if owner is not None else self.settings)
+        if isinstance(record, dict):
+            row = record
+        else:
+            owner = record.owner
+            row = build_row(record, owner.settings if owner is not None else self.settings)
         if self._chain is not None:
             self._chain.link(row)
         return row
@@ -584,6 +592,15 @@ class Writer:
                 progress(done_bytes, total)
         return replayed
 
+    def _after_fork_in_child(self) -> None:
+        self._reset_process_state()
+        self.tracker.forget()
+        self._sink = None
+        if self._own_client:  # never share the parent's HTTP connections
+            self._client = None
+        if self.spool is not None:
+            self.spool.forget_after_fork()
+
     def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Replay the spool in the calling thread (what `bq-audit replay` does)."""
         self._mark_up()
@@ -592,7 +609,7 @@ class Writer:
 
 # -- one writer per process and destination; exit, signal and fork handling -----------------
 
-_writers: dict[tuple[Any, ...], Writer] = {}
+_writers: dict[tuple[Any, ...], Writer | ProcessWriter] = {}
 _registry_lock = threading.Lock()
 _hooks_installed = False
 _previous_sigterm: Any = None
@@ -616,8 +633,12 @@ def _has(module: str) -> bool:
         return False
 
 
-def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
-    """The shared writer for `settings`' destination (and `client`, when one is given)."""
+def get_writer(settings: AuditSettings, client: Any = None) -> Writer | ProcessWriter:
+    """The shared writer for `settings`' destination (and `client`, when one is given).
+
+    With `writer_process` it runs in a child process, unless that cannot be: a `client`
+    object or a redactor that cannot be pickled stays in this process (with a warning).
+    """
     key = (*settings.destination, id(client) if client is not None else None)
     writer = _writers.get(key)
     if writer is not None:
@@ -631,7 +652,7 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
     with _registry_lock:
         writer = _writers.get(key)
         if writer is None:
-            writer = Writer(settings, client)
+            writer = _new_writer(settings, client)
             _writers[key] = writer
             if client is not None:
                 # the key holds id(client): forget the writer's slot when the client dies
@@ -640,7 +661,26 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
     return writer
 
 
-def all_writers() -> list[Writer]:
+def _new_writer(settings: AuditSettings, client: Any) -> Writer | ProcessWriter:
+    if not settings.writer_process:
+        return Writer(settings, client)
+    import pickle
+
+    why = "a client object cannot be passed to another process" if client is not None else ""
+    if not why:
+        try:
+            pickle.dumps(settings)
+        except Exception as exc:  # a lambda among the redactors, say
+            why = f"its settings cannot be pickled ({exc!r})"
+    if why:
+        logger.warning("langchain-bq-audit: writer_process is ignored: %s", why)
+        return Writer(settings.replace(writer_process=False), client)
+    from .writer_process import ProcessWriter
+
+    return ProcessWriter(settings)
+
+
+def all_writers() -> list[Writer | ProcessWriter]:
     """Every writer of this process."""
     return list(_writers.values())
 
@@ -707,13 +747,7 @@ def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
     for writer in _writers.values():
-        writer._reset_process_state()
-        writer.tracker.forget()
-        writer._sink = None
-        if writer._own_client:  # never share the parent's HTTP connections
-            writer._client = None
-        if writer.spool is not None:
-            writer.spool.forget_after_fork()
+        writer._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

@@ -102,11 +102,13 @@ def spawn(code: str, options: dict[str, Any], n: int, tag: str, env: dict[str, s
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
 def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
-    proxy, bq_client, table_name, spool_dir
+    proxy, bq_client, table_name, spool_dir, writer_process: bool
 ) -> None:
     proxy.set_mode("stall")
-    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 2.0}
+    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 2.0,
+               "writer_process": writer_process}  # fmt: skip
     child = spawn(CHILD, options, 20, "hung", child_env(proxy.host_port, spool_dir))
     out, err = child.communicate(timeout=60)
     exited = time.time()
@@ -138,10 +140,11 @@ time.sleep(60)
 )
 
 
+@pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
 def test_sigterm_half_a_second_after_the_last_call_writes_every_row(
-    emulator, bq_client, table_name, spool_dir
+    emulator, bq_client, table_name, spool_dir, writer_process: bool
 ) -> None:
-    options = {"table": table_name, "batch_age_s": 3600}
+    options = {"table": table_name, "batch_age_s": 3600, "writer_process": writer_process}
     child = spawn(SLEEPER, options, 20, "term", child_env(emulator.host_port, spool_dir))
     assert child.stdout is not None
     assert child.stdout.readline().startswith("last-call")
@@ -268,8 +271,9 @@ def test_spool_files_are_private(tmp_path, spool_dir) -> None:
     assert stat.S_IMODE(segment.parent.stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
 def test_fork_parent_and_child_each_write_their_own_rows_once(
-    emulator, bq_client, table_name, spool_dir
+    emulator, bq_client, table_name, spool_dir, writer_process: bool
 ) -> None:
     code = """
     import json, os, sys
@@ -292,7 +296,7 @@ def test_fork_parent_and_child_each_write_their_own_rows_once(
     _, status = os.waitpid(pid, 0)
     print("child-exit", os.waitstatus_to_exitcode(status), "written", handler.stats()["written"])
     """
-    options = {"table": table_name, "batch_age_s": 3600}
+    options = {"table": table_name, "batch_age_s": 3600, "writer_process": writer_process}
     proc = spawn(code, options, 0, "", child_env(emulator.host_port, spool_dir))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

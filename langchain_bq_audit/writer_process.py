@@ -1,0 +1,637 @@
+"""The writer in a process of its own (`writer_process=True`).
+
+Building rows, hashing, JSON and HTTP cost the writer CPU time, and in one process that
+time is taken under the application's GIL: with long prompts it exceeds the cost of a fast
+model call. Here the application keeps the callback path (a deque append) and a *feeder*
+thread that pickles finished runs in batches down a pipe; pickling costs a fifth of
+building, and a history shared by a batch's runs is pickled once. The child process runs
+an ordinary `Writer` (batching, retries, spool, replay, dead letters, the hash chain) and
+answers each batch with its counters.
+
+What cannot cross keeps its row: a run whose objects cannot be pickled is built into a row
+here and sent as the row; objects of classes from `__main__` (which the child cannot
+import) are sent as their JSON form; errors as their type's name and message. A child that
+dies is started again: the batches it had not acknowledged are sent again, and the rows it
+held are counted as dropped. The child drains and exits when the application's end of the
+pipe closes, even if the application was killed. If no child can be started, the rows are
+written by a writer thread in this process, as without this option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any, BinaryIO
+
+from .records import RunRecord
+from .settings import AuditSettings
+from .tracker import RunTracker
+from .writer import COUNTERS, Writer, get_writer
+
+_HEADER = struct.Struct("<I")
+_FIELDS = tuple(s for s in RunRecord.__slots__ if s != "owner")
+_CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+_QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start...
+_MAX_QUICK_DEATHS = 3  # ...this many times in a row is not started again
+
+
+# -- the pipe: length-prefixed pickles --------------------------------------------------------
+
+
+def _send(stream: BinaryIO, message: tuple[Any, ...]) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:  # unbuffered: a forked child's copy holds no half-written message
+        view = view[stream.write(view) or 0 :]
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    parts = []
+    while size:
+        part = stream.read(size)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
+def _receive(stream: BinaryIO) -> tuple[Any, ...] | None:
+    """The next message, or None at the end of the pipe."""
+    head = _read_exact(stream, _HEADER.size)
+    if len(head) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(head)
+    data = _read_exact(stream, size)
+    if len(data) < size:
+        return None
+    message: tuple[Any, ...] = pickle.loads(data)
+    return message
+
+
+# -- what crosses: runs, errors, objects the child cannot import ------------------------------
+
+
+class _Owner:
+    """Stands in for the handler that saw a run: the child needs only its settings."""
+
+    __slots__ = ("settings",)
+
+    def __init__(self, settings: AuditSettings | None) -> None:
+        self.settings = settings
+
+
+def _record(state: tuple[Any, ...], settings: AuditSettings | None) -> RunRecord:
+    rec = RunRecord.__new__(RunRecord)
+    for name, value in zip(_FIELDS, state, strict=True):
+        setattr(rec, name, value)
+    rec.owner = _Owner(settings) if settings is not None else None
+    return rec
+
+
+_error_types: dict[str, type[Exception]] = {}
+
+
+def _error(type_name: str, message: str) -> Exception:
+    """An exception whose type has the original's name: rows keep `error_type` and text."""
+    kind = _error_types.get(type_name)
+    if kind is None:
+        kind = _error_types.setdefault(type_name, type(type_name, (Exception,), {}))
+    return kind(message)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is RunRecord:
+            state = [getattr(obj, name) for name in _FIELDS]
+            if obj.status == "error" and isinstance(obj.error, _CANCELLED):
+                state[_FIELDS.index("status")] = "cancelled"  # what the row says of it
+            owner = obj.owner
+            return _record, (tuple(state), getattr(owner, "settings", None))
+        if isinstance(obj, BaseException):  # many cannot be rebuilt from their args
+            return _error, (kind.__name__, str(obj) or kind.__name__)
+        if kind.__module__ == "__main__":  # a script's or notebook's class: not importable
+            from .rows import to_jsonable
+
+            return _same, (to_jsonable(obj),)
+        return NotImplemented
+
+
+def _dumps(items: list[Any]) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(items)
+    return buffer.getvalue()
+
+
+# -- the application's side ----------------------------------------------------------------------
+
+
+class _Request:
+    """A flush, stats or close waiting for the child's answer."""
+
+    __slots__ = ("answer", "deadline", "done", "kind")
+
+    def __init__(self, kind: str, timeout: float | None) -> None:
+        self.kind = kind
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.done = threading.Event()
+        self.answer: tuple[bool, dict[str, Any] | None] = (False, None)
+
+    def timeout(self) -> float | None:
+        """What is left for the child, less a margin for its answer to get back in time."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic() - 0.2)
+
+
+class ProcessWriter:
+    """A `Writer` in a child process, behind the same methods."""
+
+    def __init__(self, settings: AuditSettings) -> None:
+        self.settings = settings
+        self._child_settings = settings.replace(writer_process=False)
+        self._batch_rows = settings.batch_rows
+        self._max_queue = settings.max_queue_rows
+        self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
+        self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
+        # In-process writer for warnings, for rows when no child can be had, and for the
+        # spool when a deadline runs out; its threads start only if it gets rows.
+        self._local = Writer(self._child_settings)
+        self.destination = self._local.destination
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
+        self._records: deque[RunRecord | dict[str, Any] | _Request] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._feeder: threading.Thread | None = None
+        self._stopping = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._to_child: BinaryIO | None = None
+        self._from_child: BinaryIO | None = None
+        self._started_at = 0.0
+        self._quick_deaths = 0
+        self._local_used = False
+        self._seq = 0
+        self._unacked: dict[int, list[Any]] = {}  # batches sent, not yet read by the child
+        self._waiting: dict[int, _Request] = {}
+        self._child: dict[str, Any] = {}  # the child's last counters
+        self._earlier: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # of children that ended
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # of this side
+        self.last_error: str | None = None
+
+    # -- callback path ---------------------------------------------------------------------
+
+    def submit(self, record: RunRecord) -> None:
+        """Queue a finished run. O(1); never blocks, never raises."""
+        records = self._records
+        if len(records) >= self._max_queue:
+            self._count("dropped", 1, "in-memory queue full")
+            return
+        records.append(record)
+        if self._feeder is None:
+            self._start()
+        if len(records) >= self._batch_rows and not self._wake.is_set():
+            self._wake.set()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start the feeder and the child (which replays an earlier spool)."""
+        if self._feeder is None:
+            self._start()
+        self._ask("start", None, wait=False)
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every row queued before this call is handled (see `Writer.flush`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._feeder is None and not self._records:
+            return True
+        ok, _ = self._ask("flush", timeout)
+        if self._local_used:
+            ok = self._local.flush(_left(deadline)) and ok
+        return ok
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Write what is queued within `timeout`, spool the rest, stop the child."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._feeder is None and not self._records:
+            return True
+        ok, _ = self._ask("close", timeout)
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        feeder = self._feeder
+        if feeder is not None and feeder is not threading.current_thread():
+            left = _left(deadline)
+            feeder.join(0.5 if left is None else min(0.5, left))
+        rest = self._take_all()
+        if rest:  # the child did not take them in time: they go to the spool from here
+            ok = False
+            self._local_used = True
+            self._local._records.extend(rest)
+            self._local.spool_memory()
+        if self._local_used:
+            ok = self._local.close(_left(deadline)) and ok
+        return ok
+
+    def stats(self) -> dict[str, Any]:
+        """The child's counters and queue (asked afresh, or its last answer) and ours."""
+        fresh: dict[str, Any] | None = None
+        if self._feeder is not None:  # asked behind the queued runs: they are sent first
+            _, fresh = self._ask("stats", 1.0)
+        child = fresh or self._child
+        out: dict[str, Any] = {
+            name: self.counters[name] + self._earlier[name] + int(child.get(name, 0))
+            for name in COUNTERS
+        }
+        queued = sum(1 for i in list(self._records) if not isinstance(i, _Request))
+        queued += sum(len(b) for b in list(self._unacked.values()))
+        out["queued"] = queued + int(child.get("queued", 0))
+        out["bigquery_down"] = bool(child.get("bigquery_down", False))
+        out["spool_bytes"] = int(child.get("spool_bytes", 0))
+        out["last_error"] = child.get("last_error") or self.last_error
+        out["last_write_time"] = child.get("last_write_time")
+        out["writer_process"] = self._proc.pid if self._proc is not None else None
+        if self._local_used:
+            local = self._local.stats()
+            for name in (*COUNTERS, "queued"):
+                out[name] += local[name]
+            out["spool_bytes"] = max(out["spool_bytes"], local["spool_bytes"])  # one folder
+        return out
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _count(self, counter: str, n: int, error: str | None = None) -> None:
+        with self._lock:
+            self.counters[counter] += n
+            if error:
+                self.last_error = error
+        if error:
+            self._warn(counter, f"langchain-bq-audit: {n} rows {counter}: {error}")
+
+    def _warn(self, key: str, message: str) -> None:
+        self._local._warn(key, message)
+
+    def _ask(
+        self, kind: str, timeout: float | None, wait: bool = True
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Queue a request behind the runs already queued; its answer, or False on timeout."""
+        request = _Request(kind, timeout)
+        self._records.append(request)
+        if self._feeder is None:
+            self._start()
+        self._wake.set()
+        if not wait or not request.done.wait(timeout):
+            return False, None
+        return request.answer
+
+    def _take_all(self) -> list[Any]:
+        """Everything the child has not read; requests among it are answered False."""
+        items: list[Any] = []
+        for seq in sorted(self._unacked):
+            items.extend(self._unacked.pop(seq, ()))
+        while True:
+            try:
+                item = self._records.popleft()
+            except IndexError:
+                break
+            if isinstance(item, _Request):
+                item.done.set()
+            else:
+                items.append(item)
+        return items
+
+    # -- feeder thread ---------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._feeder is not None:
+                return
+            self._stopping = False
+            feeder = threading.Thread(
+                target=self._feed_loop, name=f"bq-audit-feed:{self.settings.table}", daemon=True
+            )
+            try:
+                feeder.start()
+            except RuntimeError:  # interpreter shutting down
+                return
+            self._feeder = feeder
+
+    def _feed_loop(self) -> None:
+        wait = min(self.settings.batch_age_s, self._sweep_every)
+        next_sweep = time.monotonic() + self._sweep_every
+        while True:
+            self._wake.wait(wait)
+            self._wake.clear()
+            try:
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self._sweep_every
+                    self._records.extend(self.tracker.sweep(time.time()))
+                self._feed()
+            except Exception as exc:  # never let the thread die: count and carry on
+                self.last_error = f"writer error: {exc!r}"
+                self._warn("feeder", f"langchain-bq-audit feeder error: {exc!r}")
+            if self._stopping and not self._records:
+                with self._lock:
+                    if self._records:
+                        continue
+                    self._feeder = None
+                stream, self._to_child = self._to_child, None
+                if stream is not None:  # the child drains and exits when its pipe closes
+                    with contextlib.suppress(OSError):
+                        stream.close()
+                return
+
+    def _feed(self) -> None:
+        records = self._records
+        while records:
+            batch: list[Any] = []
+            request = None
+            while records and len(batch) < self._batch_rows:
+                try:
+                    item = records.popleft()
+                except IndexError:  # emptied by close meanwhile
+                    break
+                if isinstance(item, _Request):
+                    request = item
+                    break
+                batch.append(item)
+            if batch:
+                self._send_batch(batch)
+            if request is not None:
+                self._send_request(request)
+
+    def _send_batch(self, batch: list[Any]) -> None:
+        if not self._child_ready():
+            self._local_used = True
+            for item in batch:
+                self._local.submit(item)
+            return
+        try:
+            blob = _dumps(batch)
+        except Exception:  # a run holds what cannot be pickled: that run crosses as its row
+            batch = [self._picklable(item) for item in batch]
+            blob = _dumps(batch)
+        self._seq += 1
+        seq = self._seq
+        self._unacked[seq] = batch
+        if not self._post(("batch", seq, blob)):
+            with self._lock:  # the child is gone: if its end was handled, requeue here
+                if self._proc is None and self._unacked.pop(seq, None) is not None:
+                    self._records.extendleft(reversed(batch))
+
+    def _send_request(self, request: _Request) -> None:
+        if request.kind == "start":
+            self._child_ready()  # which replays the spool
+            return
+        if self._proc is None:  # no child: nothing is waiting in one
+            request.answer = (True, None)
+            request.done.set()
+            return
+        self._seq += 1
+        self._waiting[self._seq] = request
+        if not self._post((request.kind, self._seq, request.timeout())):
+            self._waiting.pop(self._seq, None)
+            request.done.set()  # answered False
+
+    def _post(self, message: tuple[Any, ...]) -> bool:
+        stream = self._to_child
+        if stream is None:
+            return False
+        try:
+            _send(stream, message)
+        except (OSError, ValueError):  # the child died; its reader handles what it lost
+            return False
+        return True
+
+    def _picklable(self, item: Any) -> Any:
+        try:
+            _dumps([item])
+        except Exception as exc:
+            self._warn("unpicklable", f"langchain-bq-audit: rows built in-process: {exc!r}")
+            return self._rows_of([item])[0]
+        return item
+
+    def _rows_of(self, records: list[Any]) -> list[Any]:
+        from .rows import build_row
+
+        out = []
+        for rec in records:
+            if type(rec) is dict:
+                out.append(rec)
+                continue
+            owner = rec.owner
+            out.append(build_row(rec, owner.settings if owner is not None else self.settings))
+        return out
+
+    # -- the child process -----------------------------------------------------------------
+
+    def _child_ready(self) -> bool:
+        """A running child, started if needed; False when none can be had."""
+        if self._proc is not None:
+            return True
+        if self._quick_deaths >= _MAX_QUICK_DEATHS:
+            return False
+        try:
+            self._spawn()
+        except Exception as exc:
+            self._quick_deaths = _MAX_QUICK_DEATHS
+            self._warn("spawn", "langchain-bq-audit: no writer process, writing from this "
+                                f"process instead: {exc!r}")  # fmt: skip
+            return False
+        return True
+
+    def _spawn(self) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # what the app imports
+        argv = [sys.executable, "-m", "langchain_bq_audit.writer_process",
+                str(to_child_r), str(from_child_w)]  # fmt: skip
+        try:
+            # its own session: a Ctrl-C or a group's signal is the application's to handle
+            proc = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=env,
+                                    start_new_session=True)  # fmt: skip
+        except BaseException:
+            for fd in (to_child_w, from_child_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        to_child = os.fdopen(to_child_w, "wb", buffering=0)
+        from_child = os.fdopen(from_child_r, "rb", buffering=0)
+        self._proc, self._to_child, self._started_at = proc, to_child, time.monotonic()
+        self._from_child = from_child
+        self._post(("settings", 0, self._child_settings))
+        name = f"bq-audit-read:{self.settings.table}"
+        reader = threading.Thread(
+            target=self._read_loop, args=(proc, from_child), name=name, daemon=True
+        )
+        reader.start()
+
+    def _read_loop(self, proc: subprocess.Popen[bytes], stream: BinaryIO) -> None:
+        with stream:
+            while True:
+                try:
+                    message = _receive(stream)
+                except Exception:
+                    message = None
+                if message is None:
+                    break
+                kind, seq, answer = message
+                if kind == "ack":
+                    self._unacked.pop(seq, None)
+                    self._child = answer
+                elif kind == "unreadable":  # the child could not unpickle it: send rows
+                    batch = self._unacked.pop(seq, None)
+                    if batch:
+                        self._warn("unreadable", "langchain-bq-audit: rows built in-process: "
+                                                 f"{answer}")  # fmt: skip
+                        try:
+                            rows = self._rows_of(batch)
+                        except Exception as exc:  # build_row does not raise; be sure
+                            self._count("dropped", len(batch), f"rows not built: {exc!r}")
+                            continue
+                        self._records.extendleft(reversed(rows))
+                        self._wake.set()
+                elif kind == "done":
+                    request = self._waiting.pop(seq, None)
+                    ok, stats = answer
+                    self._child = stats
+                    if request is not None:
+                        request.answer = (ok, stats)
+                        request.done.set()
+        self._child_ended(proc)
+
+    def _child_ended(self, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            code: int | None = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        with self._lock:
+            if self._proc is not proc:
+                return
+            self._proc = None
+            stream, self._to_child = self._to_child, None
+            child, self._child = self._child, {}
+            for name in COUNTERS:
+                self._earlier[name] += int(child.get(name, 0))
+            # batches it had not read are still here: they go to the next child
+            resend: list[Any] = []
+            for seq in sorted(self._unacked):
+                resend.extend(self._unacked.pop(seq))
+            self._records.extendleft(reversed(resend))
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+        for request in list(self._waiting.values()):
+            request.done.set()  # answered False
+        self._waiting.clear()
+        if code != 0:  # rows it had read but not settled are gone with it
+            held = int(child.get("received", 0)) - _settled(child)
+            error = f"writer process ended with code {code}"
+            if held > 0:
+                self._count("dropped", held, error)
+            else:
+                self.last_error = error
+            quick = time.monotonic() - self._started_at < _QUICK_DEATH_S
+            self._quick_deaths = self._quick_deaths + 1 if quick else 0
+        if self._records:
+            if self._feeder is None:
+                self._start()
+            self._wake.set()
+
+    def _after_fork_in_child(self) -> None:
+        # the pipe and the child belong to the parent: close our copies, start afresh
+        streams = (self._to_child, self._from_child)
+        self._reset_process_state()
+        self.tracker.forget()
+        for stream in streams:
+            if stream is not None:  # unbuffered: closing our copy sends nothing
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+        self._local._after_fork_in_child()
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _settled(counters: dict[str, Any]) -> int:
+    """Rows a child has done with: written (not counting replays), spooled, rejected, dropped."""
+    c = {name: int(counters.get(name, 0)) for name in COUNTERS}
+    return c["written"] - c["replayed"] + c["spooled"] + c["dead_lettered"] + c["dropped"]
+
+
+# -- the child's side -------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    """Run a writer fed by the pipe on fds `argv[0]` (in) and `argv[1]` (out)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
+    inp = os.fdopen(int(argv[0]), "rb", buffering=0)
+    out = os.fdopen(int(argv[1]), "wb", buffering=0)
+    with inp, out:
+        first = _receive(inp)
+        if first is None or first[0] != "settings":
+            return 2
+        writer = get_writer(first[2])  # with the exit and SIGTERM drains
+        assert isinstance(writer, Writer)
+        writer.ensure_started()
+        received = 0
+
+        def answer(kind: str, seq: int, value: Any) -> None:
+            with contextlib.suppress(OSError, ValueError):
+                _send(out, (kind, seq, value))
+
+        def stats() -> dict[str, Any]:
+            counters = writer.stats()
+            counters["received"] = received
+            return counters
+
+        while True:
+            message = _receive(inp)
+            if message is None:
+                break  # the application closed the pipe or died: drain, as at exit
+            kind, seq, arg = message
+            if kind == "batch":
+                try:
+                    items = pickle.loads(arg)
+                except Exception as exc:
+                    answer("unreadable", seq, repr(exc))
+                    continue
+                for item in items:
+                    writer.submit(item)
+                received += len(items)
+                writer._wake.set()  # a batch already: build it now
+                answer("ack", seq, stats())
+            elif kind == "flush":
+                ok = writer.flush(arg)
+                answer("done", seq, (ok, stats()))
+            elif kind == "stats":
+                answer("done", seq, (True, stats()))
+            elif kind == "close":
+                ok = writer.close(arg)
+                answer("done", seq, (ok, stats()))
+                return 0
+        writer.close(writer.settings.shutdown_timeout_s)
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

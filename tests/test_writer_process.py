@@ -1,0 +1,263 @@
+"""`writer_process=True`: rows built and sent by a child process, under real faults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import pytest
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda
+
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.integrity import verify
+from langchain_bq_audit.writer import Writer
+
+from .conftest import query, wait_for
+
+DATASET = "language_model_logging"
+
+
+def rows_of(bq_client: Any, table: str, view: str = "") -> list[dict[str, Any]]:
+    return query(bq_client, f"SELECT * FROM `local.{DATASET}.{table}{view}` ORDER BY seq")
+
+
+def count(bq_client: Any, table: str, view: str = "") -> int:
+    return query(bq_client, f"SELECT COUNT(*) AS n FROM `local.{DATASET}.{table}{view}`")[0]["n"]
+
+
+def process_handler(emulator: Any, table: str, **options: Any) -> BigQueryAuditHandler:
+    return BigQueryAuditHandler(
+        table=table, emulator_host=emulator.endpoint, project=emulator.project,
+        writer_process=True, **options,
+    )  # fmt: skip
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+
+
+def test_rows_from_the_writer_process_equal_rows_from_the_writer_thread(
+    emulator, bq_client, table_name, tmp_path
+) -> None:
+    class Unpicklable:  # a local class: pickle cannot name it, so its run crosses as a row
+        def __repr__(self) -> str:
+            return "Unpicklable()"
+
+    class LookupFailed(Exception):
+        pass
+
+    def fail(_: Any) -> str:
+        raise LookupFailed("no such order")
+
+    chain = ChatPromptTemplate.from_messages([("system", "be brief"), ("human", "{q}")])
+    chain = chain | FakeListChatModel(responses=["ünïcode ✓ answer"]) | StrOutputParser()
+    tables = {"thread": f"{table_name}_th", "process": f"{table_name}_pr"}
+    for mode, table in tables.items():
+        options = {"spool_dir": str(tmp_path / mode), "session_id": "s-1", "batch_age_s": 0.1}
+        if mode == "thread":
+            handler = BigQueryAuditHandler(client=bq_client, table=table, **options)
+        else:
+            handler = process_handler(emulator, table, **options)
+        config: Any = {"callbacks": [handler], "tags": ["t1"]}
+        for i in range(30):
+            config["metadata"] = {"user_id": f"u{i}"}
+            chain.invoke({"q": f"question {i}"}, config=config)
+        RunnableLambda(lambda x: "kept").invoke({"thing": Unpicklable()}, config=config)
+        with pytest.raises(LookupFailed):
+            RunnableLambda(fail).invoke("o-1", config=config)
+        assert handler.flush(timeout=30), handler.stats()
+        stats = handler.stats()
+        if mode == "process":
+            assert stats["writer_process"] not in (None, os.getpid())
+        assert stats["written"] == 122 and stats["dropped"] == 0, stats
+        handler.close()
+
+    by_mode = {mode: rows_of(bq_client, table) for mode, table in tables.items()}
+    report = verify(by_mode["process"])  # chained in the child: every row in one chain
+    assert report.ok, report.findings
+    assert list(report.rows.values()) == [122]
+
+    def comparable(row: dict[str, Any]) -> tuple[Any, ...]:
+        varying = {"event_id", "run_id", "parent_run_id", "trace_id", "timestamp", "start_time",
+                   "latency_ms", "chain_id", "prev_hash", "row_hash", "output_messages",
+                   "metadata", "seq"}  # fmt: skip
+        return tuple(sorted((k, repr(v)) for k, v in row.items() if k not in varying))
+
+    assert sorted(map(comparable, by_mode["process"])) == sorted(map(comparable, by_mode["thread"]))
+    rows = by_mode["process"]
+    kept = [r for r in rows if r["name"] == "RunnableLambda" and r["status"] == "ok"]
+    assert [r["input_text"] for r in kept] == ['{"thing":"Unpicklable()"}']
+    failed = [r for r in rows if r["status"] == "error"]
+    assert [(r["error_type"], r["error_message"]) for r in failed] == [
+        ("LookupFailed", "no such order")
+    ]
+
+
+SCRIPT = """
+import json, os, signal, sys, time
+from dataclasses import dataclass
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.runnables import RunnableLambda
+from langchain_bq_audit import BigQueryAuditHandler
+
+@dataclass
+class Order:  # a class of __main__: the writer process cannot import it
+    item: str
+    qty: int
+
+class Plain:
+    def __repr__(self):
+        return "Plain()"
+
+options = json.loads(sys.argv[1])
+handler = BigQueryAuditHandler(**options)
+model = FakeListChatModel(responses=["x"])
+for i in range(30):
+    model.invoke("q", config={"callbacks": [handler], "metadata": {"user_id": f"u{i}"}})
+RunnableLambda(lambda x: x["order"].qty).invoke(
+    {"order": Order("tea", 2), "plain": Plain()}, config={"callbacks": [handler]})
+stats = handler.stats()  # behind every run: they are with the writer process now
+print("held", stats["queued"], stats["writer_process"], flush=True)
+if sys.argv[2] == "wait":
+    time.sleep(60)
+"""
+
+
+def run_script(emulator: Any, table: str, mode: str, **options: Any) -> subprocess.Popen[str]:
+    options = {"table": table, "project": emulator.project, "emulator_host": emulator.endpoint,
+               **options}  # fmt: skip
+    import json
+
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), json.dumps(options), mode],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_objects_of_classes_from_main_are_rendered_as_in_process(
+    emulator, bq_client, table_name
+) -> None:
+    inputs = {}
+    for process in (False, True):
+        table = f"{table_name}_{int(process)}"
+        child = run_script(emulator, table, "exit", writer_process=process)
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        assert "Traceback" not in err and "rows built in-process" not in err, err
+        rows = query(bq_client, f"SELECT input_text FROM `local.{DATASET}.{table}` "
+                                "WHERE name = 'RunnableLambda'")  # fmt: skip
+        inputs[process] = [r["input_text"] for r in rows]
+        assert count(bq_client, table) == 31
+    assert inputs[True] == inputs[False] == ['{"order":{"item":"tea","qty":2},"plain":"Plain()"}']
+
+
+def test_rows_the_writer_process_holds_are_written_after_the_app_is_killed(
+    emulator, bq_client, table_name
+) -> None:
+    child = run_script(emulator, table_name, "wait", writer_process=True, batch_age_s=3600)
+    assert child.stdout is not None
+    held, queued, pid = child.stdout.readline().split()
+    assert held == "held" and queued == "31"  # all in the writer process, none written yet
+    child.kill()  # kill -9: no atexit, no drain in the application
+    child.wait(timeout=10)
+    # the writer process sees its pipe close, drains like at exit and ends
+    wait_for(lambda: not alive(int(pid)), 30, "the writer process to end")
+    assert count(bq_client, table_name) == 31
+
+
+def test_a_killed_writer_process_is_replaced_and_what_it_held_is_counted(
+    emulator, bq_client, table_name
+) -> None:
+    handler = process_handler(emulator, table_name, batch_age_s=3600)
+    model = FakeListChatModel(responses=["ok"])
+
+    def calls(tag: str, n: int) -> None:
+        for i in range(n):
+            config = {"callbacks": [handler], "metadata": {"user_id": f"{tag}-{i}"}}
+            assert model.invoke("q", config=config).content == "ok"
+
+    calls("first", 50)
+    assert handler.flush(timeout=30)
+    calls("held", 30)
+    first_pid = handler.stats()["writer_process"]  # the 30 are in the writer process now
+    os.kill(first_pid, signal.SIGKILL)
+    wait_for(lambda: handler.stats()["dropped"] == 30, 30, "the loss to be counted")
+    calls("after", 20)  # the app never notices: a new writer process takes the rows
+    assert handler.flush(timeout=30), handler.stats()
+    stats = handler.stats()
+    assert stats["writer_process"] not in (None, first_pid)
+    assert stats["written"] == 70 and stats["dropped"] == 30, stats
+    assert "writer process ended with code -9" in stats["last_error"]
+    users = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}`")
+    expected = [f"first-{i}" for i in range(50)] + [f"after-{i}" for i in range(20)]
+    assert sorted(r["user_id"] for r in users) == sorted(expected)
+    handler.close()
+
+
+def test_close_is_bounded_when_the_writer_process_hangs_and_nothing_is_lost(
+    emulator, bq_client, table_name, tmp_path
+) -> None:
+    spool = tmp_path / "spool"
+    handler = process_handler(emulator, table_name, batch_age_s=3600, spool_dir=str(spool))
+    model = FakeListChatModel(responses=["ok"])
+
+    def calls(tag: str, n: int) -> None:
+        for i in range(n):
+            config = {"callbacks": [handler], "metadata": {"user_id": f"{tag}-{i}"}}
+            model.invoke("q", config=config)
+
+    calls("sent", 20)
+    pid = handler.stats()["writer_process"]  # the 20 are in the writer process now
+    os.kill(pid, signal.SIGSTOP)  # a hung writer process
+    try:
+        calls("late", 10)
+        started = time.monotonic()
+        assert handler.close(timeout=2.0) is False
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0, f"close(timeout=2) took {elapsed:.2f} s"
+        assert handler.stats()["spooled"] == 10  # what it could not hand over, on disk here
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # the writer process wakes up, writes what it held and ends; a later process replays
+    wait_for(lambda: not alive(pid), 30, "the writer process to end")
+    replayer = BigQueryAuditHandler(client=bq_client, table=table_name, spool_dir=str(spool))
+    wait_for(lambda: replayer.stats()["spool_bytes"] == 0, 30, "the spool to be replayed")
+    replayer.close()
+    users = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}_dedup`")
+    expected = [f"sent-{i}" for i in range(20)] + [f"late-{i}" for i in range(10)]
+    assert sorted(r["user_id"] for r in users) == sorted(expected)
+
+
+def test_writer_process_is_declined_clearly_when_it_cannot_be(
+    bq_client, table_name, caplog
+) -> None:
+    caplog.set_level(logging.WARNING, logger="langchain_bq_audit")
+    with_client = BigQueryAuditHandler(client=bq_client, table=table_name, writer_process=True)
+    assert type(with_client._writer) is Writer
+    assert "a client object cannot be passed" in caplog.text
+    model = FakeListChatModel(responses=["still written"])
+    model.invoke("q", config={"callbacks": [with_client]})
+    assert with_client.flush(timeout=30)
+    assert [r["output_text"] for r in rows_of(bq_client, table_name)] == ["still written"]
+    with_client.close()
+
+    lambda_redactor = BigQueryAuditHandler(
+        table=f"{table_name}_r", emulator_host="127.0.0.1:9", writer_process=True,
+        capture_mode="redacted", redactors=[lambda text: text],
+    )  # fmt: skip
+    assert type(lambda_redactor._writer) is Writer
+    assert "settings cannot be pickled" in caplog.text
