@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import operator
 import os
 import pickle
 import signal
@@ -32,6 +33,7 @@ import threading
 import time
 from collections import deque
 from typing import Any, BinaryIO
+from uuid import UUID
 
 from .records import RunRecord
 from .settings import AuditSettings
@@ -39,7 +41,12 @@ from .tracker import RunTracker
 from .writer import COUNTERS, Writer, get_writer
 
 _HEADER = struct.Struct("<I")
-_FIELDS = tuple(s for s in RunRecord.__slots__ if s != "owner")
+# Run ids cross as ints (a UUID pickles through Python code), errors as name and message.
+_REST = tuple(
+    s for s in RunRecord.__slots__
+    if s not in ("owner", "run_id", "parent_run_id", "trace_id", "error", "status")
+)  # fmt: skip
+_get_rest = operator.attrgetter(*_REST)
 _CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
 _QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start...
 _MAX_QUICK_DEATHS = 3  # ...this many times in a row is not started again
@@ -91,12 +98,33 @@ class _Owner:
         self.settings = settings
 
 
-def _record(state: tuple[Any, ...], settings: AuditSettings | None) -> RunRecord:
+def _record(
+    ids: tuple[Any, Any, Any], error: tuple[str, str] | None, status: str,
+    rest: tuple[Any, ...], settings: AuditSettings | None,
+) -> RunRecord:  # fmt: skip
     rec = RunRecord.__new__(RunRecord)
-    for name, value in zip(_FIELDS, state, strict=True):
+    rec.run_id, rec.parent_run_id, rec.trace_id = (
+        UUID(int=i) if type(i) is int else i for i in ids
+    )
+    rec.error = None if error is None else _error(*error)
+    rec.status = status
+    for name, value in zip(_REST, rest, strict=True):
         setattr(rec, name, value)
     rec.owner = _Owner(settings) if settings is not None else None
     return rec
+
+
+def _reduce_record(rec: RunRecord) -> tuple[Any, ...]:
+    ids = tuple(i.int if type(i) is UUID else i for i in (rec.run_id, rec.parent_run_id,
+                                                             rec.trace_id))  # fmt: skip
+    status, error = rec.status, None
+    if rec.error is not None:  # many exceptions cannot be rebuilt from their args
+        if status == "error" and isinstance(rec.error, _CANCELLED):
+            status = "cancelled"  # what the row says of it
+        name = type(rec.error).__name__
+        error = (name, str(rec.error) or name)
+    settings = getattr(rec.owner, "settings", None)
+    return _record, (ids, error, status, _get_rest(rec), settings)
 
 
 _error_types: dict[str, type[Exception]] = {}
@@ -118,11 +146,7 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
         if kind is RunRecord:
-            state = [getattr(obj, name) for name in _FIELDS]
-            if obj.status == "error" and isinstance(obj.error, _CANCELLED):
-                state[_FIELDS.index("status")] = "cancelled"  # what the row says of it
-            owner = obj.owner
-            return _record, (tuple(state), getattr(owner, "settings", None))
+            return _reduce_record(obj)
         if isinstance(obj, BaseException):  # many cannot be rebuilt from their args
             return _error, (kind.__name__, str(obj) or kind.__name__)
         if kind.__module__ == "__main__":  # a script's or notebook's class: not importable
@@ -456,6 +480,10 @@ class ProcessWriter:
         return True
 
     def _spawn(self) -> None:
+        executable = os.path.basename(sys.executable or "").lower()
+        if getattr(sys, "frozen", False) or not executable.startswith(("python", "pypy")):
+            # a frozen app or an embedding server would start another copy of itself
+            raise RuntimeError(f"sys.executable {sys.executable!r} is not a Python interpreter")
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ)

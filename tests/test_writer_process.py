@@ -261,3 +261,33 @@ def test_writer_process_is_declined_clearly_when_it_cannot_be(
     )  # fmt: skip
     assert type(lambda_redactor._writer) is Writer
     assert "settings cannot be pickled" in caplog.text
+
+
+def test_without_a_python_to_start_the_rows_are_written_from_the_app(
+    emulator, bq_client, table_name
+) -> None:
+    code = """
+    import json, sys
+    sys.executable = "/usr/local/bin/uwsgi"  # as in an embedding server: not a Python
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_bq_audit import BigQueryAuditHandler
+    handler = BigQueryAuditHandler(**json.loads(sys.argv[1]))
+    model = FakeListChatModel(responses=["x"])
+    for i in range(10):
+        model.invoke("q", config={"callbacks": [handler]})
+    ok = handler.flush(timeout=30)
+    print(ok, handler.stats()["writer_process"], handler.stats()["written"])
+    """
+    import json
+
+    options = {"table": table_name, "project": emulator.project,
+               "emulator_host": emulator.endpoint, "writer_process": True}  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), json.dumps(options)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["True", "None", "10"]
+    assert "no writer process, writing from this process instead" in child.stderr
+    assert "is not a Python interpreter" in child.stderr
+    assert count(bq_client, table_name) == 10
