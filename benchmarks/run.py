@@ -8,7 +8,9 @@ Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB message
 `writer_process=True`, interleaved rounds), row building alone (no network), insertAll and
 Storage Write API throughput from submit to committed rows (batch sizes swept), and memory
 over many calls. It starts its own embedded BigQuery.
-`--only rows,sinks` runs some sections (import, hot, rows, sinks, memory).
+`--only rows,sinks` runs some sections (import, hot, floor, rows, sinks, memory); `floor` is
+the no-op chain with the emulator's CPU idle and busy: what work on the other CPU costs
+the measured one on this machine.
 """
 
 from __future__ import annotations
@@ -131,6 +133,71 @@ def chains(wait_s: float | None = None) -> dict[str, tuple[Any, dict[str, Any]]]
     }  # fmt: skip
 
 
+def timed_calls(chain: Any, inputs: Any, handler: Any, count: int, mode: str) -> list[float]:
+    """Seconds of each of `count` calls, one after another (`ainvoke`: in one event loop)."""
+    cfg: RunnableConfig = {"callbacks": [handler]}
+    if mode == "invoke":
+        out = []
+        for _ in range(count):
+            start = time.perf_counter()
+            chain.invoke(inputs, config=cfg)
+            out.append(time.perf_counter() - start)
+        return out
+
+    async def calls() -> list[float]:
+        out = []
+        for _ in range(count):
+            start = time.perf_counter()
+            await chain.ainvoke(inputs, config=cfg)
+            out.append(time.perf_counter() - start)
+        return out
+
+    return asyncio.run(calls())
+
+
+def ratios(a: list[float], n: list[float]) -> str:
+    return (f"p50 {pct(a, .5) * 1e6:.0f} us p99 {pct(a, .99) * 1e6:.0f} us | ratio p50 "
+            f"{pct(a, .5) / pct(n, .5):.2f}x p99 {pct(a, .99) / pct(n, .99):.2f}x "
+            f"mean {statistics.mean(a) / statistics.mean(n):.2f}x")  # fmt: skip
+
+
+BUSY = """
+import hashlib, json, os, sys
+os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
+os.nice(int(sys.argv[2]))
+messages = [{"role": "user", "content": "x" * 2048} for _ in range(20)]
+while True:  # what a writer does: JSON and SHA-256 over 40 KB
+    text = json.dumps(messages)
+    hashlib.sha256(text.encode()).hexdigest()
+    json.loads(text)
+"""
+
+
+def noise_floor(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
+    """The no-op chain with the emulator's CPU idle, and busy with a writer's kind of work.
+
+    The other CPU is not free on every machine (shared caches and memory bandwidth, or
+    hyperthreads of one core on a VM): this is how much work there slows the measured CPU.
+    """
+    cpus = ",".join(map(str, os.sched_getaffinity(bq.pid))) if bq.pid else "0"
+    noop = Noop()
+    out = []
+    for label, (chain, inputs) in chains().items():
+        for mode in ("invoke", "ainvoke"):
+            idle: list[float] = []
+            busy: list[float] = []
+            timed_calls(chain, inputs, noop, per_round // 4, mode)
+            for _ in range(rounds):
+                idle += timed_calls(chain, inputs, noop, per_round, mode)
+                burner = subprocess.Popen([sys.executable, "-c", BUSY, cpus, "0"])
+                time.sleep(0.2)
+                busy += timed_calls(chain, inputs, noop, per_round, mode)
+                burner.kill()
+                burner.wait()
+            out.append((f"{mode} {label}, no-op, other CPU busy", ratios(busy, idle)))
+    return out
+
+
 def pin_writer_process(bq: LocalBigQuery, writer: Any) -> None:
     """The writer process on the emulator's CPU: on a machine with cores to spare it runs on
     one the application is not using (it would inherit this process's CPU otherwise)."""
@@ -150,7 +217,15 @@ def writer_process_handler(bq: LocalBigQuery, table: str) -> BigQueryAuditHandle
     return handler
 
 
-def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
+def hot_path(
+    client: Any, bq: LocalBigQuery, rounds: int, per_round: int, busy_neighbour: bool = False
+) -> list[tuple[str, str]]:
+    """The audit handler (writer thread, writer process) against a no-op, round by round.
+
+    `busy_neighbour`: the emulator's CPU is kept busy throughout by a nice-19 loop, so the
+    no-op and the audit rounds see the same neighbour; the emulator and the writer process
+    still get that CPU when they want it. Then the ratio is our cost alone (see `floor`).
+    """
     handlers: dict[str, Any] = {
         "no-op": Noop(),
         "writer thread": BigQueryAuditHandler(client=client, table="bench_hot_path"),
@@ -158,38 +233,40 @@ def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> lis
     }
     out = []
     cases = [(label, chain, inputs, per_round) for label, (chain, inputs) in chains().items()]
-    cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
-              for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
+    if busy_neighbour:
+        cases = [(f"{label}, other CPU kept busy", *rest) for label, *rest in cases]
+    else:
+        cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
+                  for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
+    cpus = ",".join(map(str, os.sched_getaffinity(bq.pid))) if bq.pid else "0"
+    burner = None
+    if busy_neighbour:
+        burner = subprocess.Popen([sys.executable, "-c", BUSY, cpus, "19"])
+    try:
+        out = _rounds(handlers, cases, rounds)
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+    for handler in list(handlers.values())[1:]:
+        settle(handler)
+        handler.close()
+    return out
+
+
+def _rounds(
+    handlers: dict[str, Any], cases: list[tuple[str, Any, Any, int]], rounds: int
+) -> list[tuple[str, str]]:
+    out = []
     for label, chain, inputs, count in cases:
         for mode in ("invoke", "ainvoke"):
             times: dict[str, list[float]] = {name: [] for name in handlers}
 
-            def batch(handler: Any, count: int, chain: Any = chain, inputs: Any = inputs,
-                      mode: str = mode) -> list[float]:  # fmt: skip
-                cfg = {"callbacks": [handler]}
-                if mode == "invoke":
-                    out = []
-                    for _ in range(count):
-                        start = time.perf_counter()
-                        chain.invoke(inputs, config=cfg)
-                        out.append(time.perf_counter() - start)
-                    return out
-
-                async def calls() -> list[float]:  # one loop, awaited one after another
-                    out = []
-                    for _ in range(count):
-                        start = time.perf_counter()
-                        await chain.ainvoke(inputs, config=cfg)
-                        out.append(time.perf_counter() - start)
-                    return out
-
-                return asyncio.run(calls())
-
             for handler in handlers.values():  # warm up each
-                batch(handler, count // 4)
+                timed_calls(chain, inputs, handler, count // 4, mode)
             for _ in range(rounds):  # interleave so drift hits each alike
                 for name, handler in handlers.items():
-                    times[name] += batch(handler, count)
+                    times[name] += timed_calls(chain, inputs, handler, count, mode)
                     if name != "no-op":
                         # untimed: rows still being built would otherwise slow the next round
                         settle(handler)
@@ -197,16 +274,7 @@ def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> lis
             out.append((f"{mode} {label}", f"no-op p50 {pct(n, .5) * 1e6:.0f} us "
                                            f"p99 {pct(n, .99) * 1e6:.0f} us"))  # fmt: skip
             for name in list(handlers)[1:]:
-                a = times[name]
-                out.append((
-                    f"  audit, {name}",
-                    f"p50 {pct(a, .5) * 1e6:.0f} us p99 {pct(a, .99) * 1e6:.0f} us | ratio p50 "
-                    f"{pct(a, .5) / pct(n, .5):.2f}x p99 {pct(a, .99) / pct(n, .99):.2f}x "
-                    f"mean {statistics.mean(a) / statistics.mean(n):.2f}x",
-                ))  # fmt: skip
-    for handler in list(handlers.values())[1:]:
-        settle(handler)
-        handler.close()
+                out.append((f"  audit, {name}", ratios(times[name], n)))
     return out
 
 
@@ -316,7 +384,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100_000, help="calls in the memory run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=400)
-    parser.add_argument("--only", default="import,hot,rows,sinks,memory", help="sections")
+    parser.add_argument("--only", default="import,hot,floor,rows,sinks,memory", help="sections")
     args = parser.parse_args()
     only = set(args.only.split(","))
     os.environ["BQ_AUDIT_SPOOL_DIR"] = tempfile.mkdtemp(prefix="bq-audit-bench-spool-")
@@ -329,6 +397,9 @@ def main() -> None:
         results.append(("CPUs", pin_apart(bq.pid)))
         if "hot" in only:
             results += hot_path(client, bq, args.rounds, args.per_round)
+            results += hot_path(client, bq, args.rounds, args.per_round, busy_neighbour=True)
+        if "floor" in only:
+            results += noise_floor(bq, args.rounds, args.per_round)
         if "rows" in only:
             results += row_building(20_000)
         if "sinks" in only:
