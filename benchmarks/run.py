@@ -1,6 +1,6 @@
 """Side-by-side benchmarks of langchain-bq-audit; every ratio is measured in this one run.
 
-    .venv/bin/python -m benchmarks.run            # about 4 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run            # about 8 minutes on 2 cores
     .venv/bin/python -m benchmarks.run --calls 1000000   # the full memory run
 
 Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB messages, a no-op
@@ -164,7 +164,6 @@ def ratios(a: list[float], n: list[float]) -> str:
 BUSY = """
 import hashlib, json, os, sys
 os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
-os.nice(int(sys.argv[2]))
 messages = [{"role": "user", "content": "x" * 2048} for _ in range(20)]
 while True:  # what a writer does: JSON and SHA-256 over 40 KB
     text = json.dumps(messages)
@@ -189,7 +188,7 @@ def noise_floor(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[st
             timed_calls(chain, inputs, noop, per_round // 4, mode)
             for _ in range(rounds):
                 idle += timed_calls(chain, inputs, noop, per_round, mode)
-                burner = subprocess.Popen([sys.executable, "-c", BUSY, cpus, "0"])
+                burner = subprocess.Popen([sys.executable, "-c", BUSY, cpus])
                 time.sleep(0.2)
                 busy += timed_calls(chain, inputs, noop, per_round, mode)
                 burner.kill()
@@ -217,37 +216,17 @@ def writer_process_handler(bq: LocalBigQuery, table: str) -> BigQueryAuditHandle
     return handler
 
 
-def hot_path(
-    client: Any, bq: LocalBigQuery, rounds: int, per_round: int, busy_neighbour: bool = False
-) -> list[tuple[str, str]]:
-    """The audit handler (writer thread, writer process) against a no-op, round by round.
-
-    `busy_neighbour`: the emulator's CPU is kept busy throughout by a nice-19 loop, so the
-    no-op and the audit rounds see the same neighbour; the emulator and the writer process
-    still get that CPU when they want it. Then the ratio is our cost alone (see `floor`).
-    """
+def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
+    """The audit handler (writer thread, writer process) against a no-op, round by round."""
     handlers: dict[str, Any] = {
         "no-op": Noop(),
         "writer thread": BigQueryAuditHandler(client=client, table="bench_hot_path"),
         "writer process": writer_process_handler(bq, "bench_hot_path_process"),
     }
-    out = []
     cases = [(label, chain, inputs, per_round) for label, (chain, inputs) in chains().items()]
-    if busy_neighbour:
-        cases = [(f"{label}, other CPU kept busy", *rest) for label, *rest in cases]
-    else:
-        cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
-                  for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
-    cpus = ",".join(map(str, os.sched_getaffinity(bq.pid))) if bq.pid else "0"
-    burner = None
-    if busy_neighbour:
-        burner = subprocess.Popen([sys.executable, "-c", BUSY, cpus, "19"])
-    try:
-        out = _rounds(handlers, cases, rounds)
-    finally:
-        if burner is not None:
-            burner.kill()
-            burner.wait()
+    cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
+              for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
+    out = _rounds(handlers, cases, rounds)
     for handler in list(handlers.values())[1:]:
         settle(handler)
         handler.close()
@@ -397,7 +376,6 @@ def main() -> None:
         results.append(("CPUs", pin_apart(bq.pid)))
         if "hot" in only:
             results += hot_path(client, bq, args.rounds, args.per_round)
-            results += hot_path(client, bq, args.rounds, args.per_round, busy_neighbour=True)
         if "floor" in only:
             results += noise_floor(bq, args.rounds, args.per_round)
         if "rows" in only:

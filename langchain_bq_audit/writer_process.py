@@ -3,8 +3,9 @@
 Building rows, hashing, JSON and HTTP cost the writer CPU time, and in one process that
 time is taken under the application's GIL: with long prompts it exceeds the cost of a fast
 model call. Here the application keeps the callback path (a deque append) and a *feeder*
-thread that pickles finished runs in batches down a pipe; pickling costs a fifth of
-building, and a history shared by a batch's runs is pickled once. The child process runs
+thread that pickles finished runs in batches down a pipe: about 7 us a small run, against
+45 us to build, chain and encode its row, and a history shared by a batch's runs is
+pickled once. The child process runs
 an ordinary `Writer` (batching, retries, spool, replay, dead letters, the hash chain) and
 answers each batch with its counters.
 
@@ -493,7 +494,7 @@ class ProcessWriter:
         try:
             # its own session: a Ctrl-C or a group's signal is the application's to handle
             proc = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w), env=env,
-                                    start_new_session=True)  # fmt: skip
+                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         except BaseException:
             for fd in (to_child_w, from_child_r):
                 os.close(fd)
