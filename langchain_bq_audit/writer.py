@@ -65,7 +65,99 @@ class _Marker:
         self.unwritten_before = unwritten_before
 
 
-class Writer:
+class RunQueue:
+    """What both writers share: the bounded queue of finished runs the callback path appends
+    to, the *builder* thread that drains it, counters and warnings at most once a minute.
+
+    A subclass sets the attributes up in `_reset_process_state`, starts its threads in
+    `_start` and handles what is queued in `_build`.
+    """
+
+    settings: AuditSettings
+    tracker: RunTracker
+    counters: dict[str, int]
+    last_error: str | None
+    _records: deque[Any]
+    _wake: threading.Event
+    _lock: threading.Lock
+    _builder: threading.Thread | None
+    _stopping: bool
+    _warned: dict[str, float]
+    _max_queue: int
+    _batch_rows: int
+    _sweep_every: float
+
+    # -- callback path ---------------------------------------------------------------------
+
+    def submit(self, record: RunRecord | dict[str, Any]) -> None:
+        """Queue a finished run. O(1); never blocks, never raises."""
+        records = self._records
+        if len(records) >= self._max_queue:
+            self._count("dropped", 1, "in-memory queue full")
+            return
+        records.append(record)
+        if self._builder is None:
+            self._start()
+        if len(records) >= self._batch_rows and not self._wake.is_set():
+            self._wake.set()
+
+    # -- builder thread --------------------------------------------------------------------
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _drained(self) -> None:
+        """Called by the builder thread as it stops, with nothing left queued."""
+
+    def _build_loop(self) -> None:
+        wait = min(self.settings.batch_age_s, self._sweep_every)
+        next_sweep = time.monotonic() + self._sweep_every
+        while True:
+            self._wake.wait(wait)
+            self._wake.clear()
+            try:
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self._sweep_every
+                    self._sweep()
+                self._build()
+            except Exception as exc:  # never let the thread die: count and carry on
+                self.last_error = f"writer error: {exc!r}"
+                self._warn("builder", f"langchain-bq-audit builder error: {exc!r}")
+            if self._stopping and not self._records:
+                with self._lock:
+                    # `submit` appends before it looks at `_builder`, so a row queued now
+                    # is either seen here or finds `_builder` None and starts new threads.
+                    if self._records:
+                        continue
+                    self._builder = None
+                self._drained()
+                return
+
+    def _sweep(self) -> None:
+        self._records.extend(self.tracker.sweep(time.time()))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _count(self, counter: str, n: int, error: str | None = None) -> None:
+        with self._lock:
+            self.counters[counter] += n
+            if error:
+                self.last_error = error
+        if error:
+            self._warn(counter, f"langchain-bq-audit: {n} rows {counter}: {error}")
+
+    def _warn(self, key: str, message: str) -> None:
+        """Log a warning at most once a minute per kind, never once per row."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._warned[key] = now
+            logger.warning(message)
+
+
+class Writer(RunQueue):
     """Queue, batching, retries, spool and replay, flush and close for one destination."""
 
     def __init__(self, settings: AuditSettings, client: Any = None) -> None:
@@ -117,20 +209,6 @@ class Writer:
         self.last_error: str | None = None
         self.last_write_time: float | None = None
         self._warned: dict[str, float] = {}
-
-    # -- callback path ---------------------------------------------------------------------
-
-    def submit(self, record: RunRecord | dict[str, Any]) -> None:
-        """Queue a finished run. O(1); never blocks, never raises."""
-        records = self._records
-        if len(records) >= self._max_queue:
-            self._count("dropped", 1, "in-memory queue full")
-            return
-        records.append(record)
-        if self._builder is None:
-            self._start()
-        if len(records) >= self._batch_rows and not self._wake.is_set():
-            self._wake.set()
 
     # -- control ---------------------------------------------------------------------------
 
@@ -233,21 +311,6 @@ class Writer:
         c = self.counters
         return c["spooled"] + c["dead_lettered"] + c["dropped"]
 
-    def _count(self, counter: str, n: int, error: str | None = None) -> None:
-        with self._lock:
-            self.counters[counter] += n
-            if error:
-                self.last_error = error
-        if error:
-            self._warn(counter, f"langchain-bq-audit: {n} rows {counter}: {error}")
-
-    def _warn(self, key: str, message: str) -> None:
-        """Log a warning at most once a minute per kind, never once per row."""
-        now = time.monotonic()
-        if now - self._warned.get(key, -_WARN_EVERY_S) >= _WARN_EVERY_S:
-            self._warned[key] = now
-            logger.warning(message)
-
     def _start(self) -> None:
         with self._lock:
             if self._builder is not None:
@@ -307,32 +370,6 @@ class Writer:
         if self._chain is not None:
             self._chain.link(row)
         return row
-
-    def _build_loop(self) -> None:
-        wait = min(self.settings.batch_age_s, self._sweep_every)
-        next_sweep = time.monotonic() + self._sweep_every
-        while True:
-            self._wake.wait(wait)
-            self._wake.clear()
-            try:
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self._sweep_every
-                    self._sweep()
-                self._build()
-            except Exception as exc:  # never let the thread die: count and carry on
-                self.last_error = f"writer error: {exc!r}"
-                self._warn("builder", f"langchain-bq-audit builder error: {exc!r}")
-            if self._stopping and not self._records:
-                with self._lock:
-                    # `submit` appends before it looks at `_builder`, so a row queued now
-                    # is either seen here or finds `_builder` None and starts new threads.
-                    if self._records:
-                        continue
-                    self._builder = None
-                    return
-
-    def _sweep(self) -> None:
-        self._records.extend(self.tracker.sweep(time.time()))
 
     def _build(self) -> None:
         from .rows import row_size

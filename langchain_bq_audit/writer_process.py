@@ -39,7 +39,7 @@ from uuid import UUID
 from .records import RunRecord
 from .settings import AuditSettings
 from .tracker import RunTracker
-from .writer import COUNTERS, Writer, get_writer
+from .writer import COUNTERS, RunQueue, Writer, get_writer
 
 _HEADER = struct.Struct("<I")
 # Run ids cross as ints (a UUID pickles through Python code), errors as name and message.
@@ -182,7 +182,7 @@ class _Request:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic() - 0.2)
 
 
-class ProcessWriter:
+class ProcessWriter(RunQueue):
     """A `Writer` in a child process, behind the same methods."""
 
     def __init__(self, settings: AuditSettings) -> None:
@@ -202,8 +202,9 @@ class ProcessWriter:
         self._records: deque[RunRecord | dict[str, Any] | _Request] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._feeder: threading.Thread | None = None
+        self._builder: threading.Thread | None = None  # the feeder: pickles runs to the child
         self._stopping = False
+        self._warned: dict[str, float] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._to_child: BinaryIO | None = None
         self._from_child: BinaryIO | None = None
@@ -218,32 +219,18 @@ class ProcessWriter:
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # of this side
         self.last_error: str | None = None
 
-    # -- callback path ---------------------------------------------------------------------
-
-    def submit(self, record: RunRecord) -> None:
-        """Queue a finished run. O(1); never blocks, never raises."""
-        records = self._records
-        if len(records) >= self._max_queue:
-            self._count("dropped", 1, "in-memory queue full")
-            return
-        records.append(record)
-        if self._feeder is None:
-            self._start()
-        if len(records) >= self._batch_rows and not self._wake.is_set():
-            self._wake.set()
-
     # -- control ---------------------------------------------------------------------------
 
     def ensure_started(self) -> None:
         """Start the feeder and the child (which replays an earlier spool)."""
-        if self._feeder is None:
+        if self._builder is None:
             self._start()
         self._ask("start", None, wait=False)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every row queued before this call is handled (see `Writer.flush`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._feeder is None and not self._records:
+        if self._builder is None and not self._records:
             return True
         ok, _ = self._ask("flush", timeout)
         if self._local_used:
@@ -253,13 +240,13 @@ class ProcessWriter:
     def close(self, timeout: float | None = 10.0) -> bool:
         """Write what is queued within `timeout`, spool the rest, stop the child."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._feeder is None and not self._records:
+        if self._builder is None and not self._records:
             return True
         ok, _ = self._ask("close", timeout)
         with self._lock:
             self._stopping = True
         self._wake.set()
-        feeder = self._feeder
+        feeder = self._builder
         if feeder is not None and feeder is not threading.current_thread():
             left = _left(deadline)
             feeder.join(0.5 if left is None else min(0.5, left))
@@ -276,7 +263,7 @@ class ProcessWriter:
     def stats(self) -> dict[str, Any]:
         """The child's counters and queue (asked afresh, or its last answer) and ours."""
         fresh: dict[str, Any] | None = None
-        if self._feeder is not None:  # asked behind the queued runs: they are sent first
+        if self._builder is not None:  # asked behind the queued runs: they are sent first
             _, fresh = self._ask("stats", 1.0)
         child = fresh or self._child
         out: dict[str, Any] = {
@@ -300,24 +287,13 @@ class ProcessWriter:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
-    def _count(self, counter: str, n: int, error: str | None = None) -> None:
-        with self._lock:
-            self.counters[counter] += n
-            if error:
-                self.last_error = error
-        if error:
-            self._warn(counter, f"langchain-bq-audit: {n} rows {counter}: {error}")
-
-    def _warn(self, key: str, message: str) -> None:
-        self._local._warn(key, message)
-
     def _ask(
         self, kind: str, timeout: float | None, wait: bool = True
     ) -> tuple[bool, dict[str, Any] | None]:
         """Queue a request behind the runs already queued; its answer, or False on timeout."""
         request = _Request(kind, timeout)
         self._records.append(request)
-        if self._feeder is None:
+        if self._builder is None:
             self._start()
         self._wake.set()
         if not wait or not request.done.wait(timeout):
@@ -344,44 +320,25 @@ class ProcessWriter:
 
     def _start(self) -> None:
         with self._lock:
-            if self._feeder is not None:
+            if self._builder is not None:
                 return
             self._stopping = False
             feeder = threading.Thread(
-                target=self._feed_loop, name=f"bq-audit-feed:{self.settings.table}", daemon=True
+                target=self._build_loop, name=f"bq-audit-feed:{self.settings.table}", daemon=True
             )
             try:
                 feeder.start()
             except RuntimeError:  # interpreter shutting down
                 return
-            self._feeder = feeder
+            self._builder = feeder
 
-    def _feed_loop(self) -> None:
-        wait = min(self.settings.batch_age_s, self._sweep_every)
-        next_sweep = time.monotonic() + self._sweep_every
-        while True:
-            self._wake.wait(wait)
-            self._wake.clear()
-            try:
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self._sweep_every
-                    self._records.extend(self.tracker.sweep(time.time()))
-                self._feed()
-            except Exception as exc:  # never let the thread die: count and carry on
-                self.last_error = f"writer error: {exc!r}"
-                self._warn("feeder", f"langchain-bq-audit feeder error: {exc!r}")
-            if self._stopping and not self._records:
-                with self._lock:
-                    if self._records:
-                        continue
-                    self._feeder = None
-                stream, self._to_child = self._to_child, None
-                if stream is not None:  # the child drains and exits when its pipe closes
-                    with contextlib.suppress(OSError):
-                        stream.close()
-                return
+    def _drained(self) -> None:
+        stream, self._to_child = self._to_child, None
+        if stream is not None:  # the child drains and exits when its pipe closes
+            with contextlib.suppress(OSError):
+                stream.close()
 
-    def _feed(self) -> None:
+    def _build(self) -> None:
         records = self._records
         while records:
             batch: list[Any] = []
@@ -581,7 +538,7 @@ class ProcessWriter:
             quick = time.monotonic() - self._started_at < _QUICK_DEATH_S
             self._quick_deaths = self._quick_deaths + 1 if quick else 0
         if self._records:
-            if self._feeder is None:
+            if self._builder is None:
                 self._start()
             self._wake.set()
 
