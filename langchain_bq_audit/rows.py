@@ -506,7 +506,8 @@ def _name(rec: RunRecord) -> str | None:
     return None
 
 
-def _status(rec: RunRecord) -> str:
+def run_status(rec: RunRecord) -> str:
+    """The row's `status`: a run that ended in a cancellation says `cancelled`."""
     if rec.status == "error" and isinstance(rec.error, _CANCELLED):
         return "cancelled"
     return rec.status
@@ -554,7 +555,7 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         "trace_id": run_id if rec.trace_id == rec.run_id else _id(rec.trace_id),
         "run_type": rec.run_type,
         "name": _name(rec),
-        "status": _status(rec),
+        "status": run_status(rec),
         "start_time": iso(rec.start_time),
         "latency_ms": round((end - rec.start_time) * 1000.0, 3),
         "tags": _tags(rec),

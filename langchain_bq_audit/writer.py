@@ -356,20 +356,21 @@ class Writer(RunQueue):
     # -- builder thread --------------------------------------------------------------------
 
     def _row(self, record: RunRecord | dict[str, Any]) -> dict[str, Any]:
-        """The row of a finished run, built with its handler's settings, then chained.
-
-        A dict is a row built already (by a `ProcessWriter` that could not send its run).
-        """
-        from .rows import build_row  # a dict lookup once loaded
-
-        if isinstance(record, dict):
-            row = record
-        else:
-            owner = record.owner
-            row = build_row(record, owner.settings if owner is not None else self.settings)
+        """The row of a finished run, built with its handler's settings, then chained."""
+        row = self._built(record)
         if self._chain is not None:
             self._chain.link(row)
         return row
+
+    def _built(self, record: RunRecord | dict[str, Any]) -> dict[str, Any]:
+        """The row of a finished run, not chained yet. A dict is a row built already (by a
+        `ProcessWriter`, for a run it could not send)."""
+        from .rows import build_row  # a dict lookup once loaded
+
+        if isinstance(record, dict):
+            return record
+        owner = record.owner
+        return build_row(record, owner.settings if owner is not None else self.settings)
 
     def _build(self) -> None:
         from .rows import row_size

@@ -20,7 +20,6 @@ written by a writer thread in this process, as without this option.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import operator
@@ -37,6 +36,7 @@ from typing import Any, BinaryIO
 from uuid import UUID
 
 from .records import RunRecord
+from .rows import run_status, to_jsonable
 from .settings import AuditSettings
 from .tracker import RunTracker
 from .writer import COUNTERS, RunQueue, Writer, get_writer
@@ -48,7 +48,6 @@ _REST = tuple(
     if s not in ("owner", "run_id", "parent_run_id", "trace_id", "error", "status")
 )  # fmt: skip
 _get_rest = operator.attrgetter(*_REST)
-_CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
 _QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start...
 _MAX_QUICK_DEATHS = 3  # ...this many times in a row is not started again
 
@@ -100,14 +99,14 @@ class _Owner:
 
 
 def _record(
-    ids: tuple[Any, Any, Any], error: tuple[str, str] | None, status: str,
+    ids: tuple[Any, Any, Any], error: BaseException | None, status: str,
     rest: tuple[Any, ...], settings: AuditSettings | None,
 ) -> RunRecord:  # fmt: skip
     rec = RunRecord.__new__(RunRecord)
     rec.run_id, rec.parent_run_id, rec.trace_id = (
         UUID(int=i) if type(i) is int else i for i in ids
     )
-    rec.error = None if error is None else _error(*error)
+    rec.error = error  # as `_error` rebuilt it
     rec.status = status
     for name, value in zip(_REST, rest, strict=True):
         setattr(rec, name, value)
@@ -118,14 +117,10 @@ def _record(
 def _reduce_record(rec: RunRecord) -> tuple[Any, ...]:
     ids = tuple(i.int if type(i) is UUID else i for i in (rec.run_id, rec.parent_run_id,
                                                              rec.trace_id))  # fmt: skip
-    status, error = rec.status, None
-    if rec.error is not None:  # many exceptions cannot be rebuilt from their args
-        if status == "error" and isinstance(rec.error, _CANCELLED):
-            status = "cancelled"  # what the row says of it
-        name = type(rec.error).__name__
-        error = (name, str(rec.error) or name)
+    # the error crosses as its name and message (`reducer_override`), so a cancellation is
+    # told here, where its type is still known
     settings = getattr(rec.owner, "settings", None)
-    return _record, (ids, error, status, _get_rest(rec), settings)
+    return _record, (ids, rec.error, run_status(rec), _get_rest(rec), settings)
 
 
 _error_types: dict[str, type[Exception]] = {}
@@ -151,8 +146,6 @@ class _Pickler(pickle.Pickler):
         if isinstance(obj, BaseException):  # many cannot be rebuilt from their args
             return _error, (kind.__name__, str(obj) or kind.__name__)
         if kind.__module__ == "__main__":  # a script's or notebook's class: not importable
-            from .rows import to_jsonable
-
             return _same, (to_jsonable(obj),)
         return NotImplemented
 
@@ -405,20 +398,8 @@ class ProcessWriter(RunQueue):
             _dumps([item])
         except Exception as exc:
             self._warn("unpicklable", f"langchain-bq-audit: rows built in-process: {exc!r}")
-            return self._rows_of([item])[0]
+            return self._local._built(item)
         return item
-
-    def _rows_of(self, records: list[Any]) -> list[Any]:
-        from .rows import build_row
-
-        out = []
-        for rec in records:
-            if type(rec) is dict:
-                out.append(rec)
-                continue
-            owner = rec.owner
-            out.append(build_row(rec, owner.settings if owner is not None else self.settings))
-        return out
 
     # -- the child process -----------------------------------------------------------------
 
@@ -489,7 +470,7 @@ class ProcessWriter(RunQueue):
                         self._warn("unreadable", "langchain-bq-audit: rows built in-process: "
                                                  f"{answer}")  # fmt: skip
                         try:
-                            rows = self._rows_of(batch)
+                            rows = [self._local._built(item) for item in batch]
                         except Exception as exc:  # build_row does not raise; be sure
                             self._count("dropped", len(batch), f"rows not built: {exc!r}")
                             continue
