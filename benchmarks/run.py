@@ -104,15 +104,20 @@ def import_cost(runs: int = 11) -> list[tuple[str, str]]:
     ]
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` on `cpus` (threads and processes it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
 def pin_apart(emulator_pid: int) -> str:
     """The emulator on the last CPU, this process on the others: in production BigQuery's
     work happens elsewhere, so here it must not take CPU time from the measured calls."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) < 2:
         return "not pinned (one CPU): the emulator shares it with the benchmark"
-    for pid, mask in ((emulator_pid, set(cpus[-1:])), (os.getpid(), set(cpus[:-1]))):
-        for task in os.listdir(f"/proc/{pid}/task"):  # every thread; new ones inherit
-            os.sched_setaffinity(int(task), mask)
+    pin(emulator_pid, set(cpus[-1:]))
+    pin(os.getpid(), set(cpus[:-1]))
     return f"emulator on CPU {cpus[-1]}, benchmark on CPU {','.join(map(str, cpus[:-1]))}"
 
 
@@ -203,9 +208,7 @@ def pin_writer_process(bq: LocalBigQuery, writer: Any) -> None:
     pid = writer.stats()["writer_process"]
     assert pid is not None, writer.stats()
     if bq.pid is not None and hasattr(os, "sched_getaffinity"):
-        mask = os.sched_getaffinity(bq.pid)
-        for task in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(task), mask)
+        pin(pid, os.sched_getaffinity(bq.pid))
 
 
 def writer_process_handler(bq: LocalBigQuery, table: str) -> BigQueryAuditHandler:
@@ -226,16 +229,6 @@ def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> lis
     cases = [(label, chain, inputs, per_round) for label, (chain, inputs) in chains().items()]
     cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
               for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
-    out = _rounds(handlers, cases, rounds)
-    for handler in list(handlers.values())[1:]:
-        settle(handler)
-        handler.close()
-    return out
-
-
-def _rounds(
-    handlers: dict[str, Any], cases: list[tuple[str, Any, Any, int]], rounds: int
-) -> list[tuple[str, str]]:
     out = []
     for label, chain, inputs, count in cases:
         for mode in ("invoke", "ainvoke"):
@@ -254,6 +247,9 @@ def _rounds(
                                            f"p99 {pct(n, .99) * 1e6:.0f} us"))  # fmt: skip
             for name in list(handlers)[1:]:
                 out.append((f"  audit, {name}", ratios(times[name], n)))
+    for handler in list(handlers.values())[1:]:
+        settle(handler)
+        handler.close()
     return out
 
 
