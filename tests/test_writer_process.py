@@ -130,8 +130,12 @@ for i in range(30):
     model.invoke("q", config={"callbacks": [handler], "metadata": {"user_id": f"u{i}"}})
 RunnableLambda(lambda x: x["order"].qty).invoke(
     {"order": Order("tea", 2), "plain": Plain()}, config={"callbacks": [handler]})
-stats = handler.stats()  # behind every run: they are with the writer process now
-print("held", stats["queued"], stats["writer_process"], flush=True)
+deadline = time.monotonic() + 30
+stats = handler.stats()  # asked behind every run: they are with the writer process now
+while stats["accepted"] < 31 and time.monotonic() < deadline:  # rows built (a row being
+    time.sleep(0.05)  # built is in no queue, so `queued` could miss it for a moment)
+    stats = handler.stats()
+print("held", stats["accepted"], stats["written"], stats["writer_process"], flush=True)
 if sys.argv[2] == "wait":
     time.sleep(60)
 """
@@ -170,8 +174,8 @@ def test_rows_the_writer_process_holds_are_written_after_the_app_is_killed(
 ) -> None:
     child = run_script(emulator, table_name, "wait", writer_process=True, batch_age_s=3600)
     assert child.stdout is not None
-    held, queued, pid = child.stdout.readline().split()
-    assert held == "held" and queued == "31"  # all in the writer process, none written yet
+    held, built, written, pid = child.stdout.readline().split()
+    assert (held, built, written) == ("held", "31", "0")  # all in the writer process, unwritten
     child.kill()  # kill -9: no atexit, no drain in the application
     child.wait(timeout=10)
     # the writer process sees its pipe close, drains like at exit and ends
