@@ -6,11 +6,17 @@ the JSON, a newline. A torn tail left by a crash fails its checksum (or has no n
 is skipped and counted, never misread. A process holds an exclusive `flock` on the segment
 it is appending to, so other processes replay only segments nobody is writing; a crashed
 process's lock goes with it.
+
+Faults: a short write or a full disk (ENOSPC) truncates the segment back to its last whole
+record and raises `SpoolWriteError` saying how many records did land; the next append
+starts a new segment. A segment replayed but impossible to remove (a read-only remount) is
+remembered as done by this process and never claimed again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -32,6 +38,15 @@ DEAD_LETTER_DIR = "dead-letter"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+class SpoolWriteError(OSError):
+    """An append that stored only the first `taken` records (disk full, I/O error)."""
+
+    def __init__(self, taken: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.taken = taken
+        self.cause = cause
+
+
 def default_spool_dir() -> Path:
     """`$XDG_CACHE_HOME/langchain-bq-audit/spool` (or `~/.cache/...`)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -41,6 +56,24 @@ def default_spool_dir() -> Path:
 def destination_dir(root: Path, destination: str) -> Path:
     """The folder of one destination (`project.dataset.table`) under the spool root."""
     return root / _SAFE.sub("_", destination)
+
+
+def spooled_destinations(root: Path) -> list[tuple[str, str, str]]:
+    """(project, dataset, table) of every destination with a folder under the spool root.
+
+    The project `default` stands for the client's default project (ADC with no project
+    named when the rows were spooled).
+    """
+    out = []
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError:
+        return []
+    for folder in folders:
+        parts = folder.name.rsplit(".", 2)
+        if len(parts) == 3 and all(parts):
+            out.append((parts[0], parts[1], parts[2]))
+    return out
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -100,6 +133,27 @@ def _open_private(path: Path, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data`: `os.write` may store less than asked (a disk filling up)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - a regular file never does this
+            raise OSError(errno.ENOSPC, "short write")
+        view = view[n:]
+
+
+def _whole(lines: list[bytes], nbytes: int) -> tuple[int, int]:
+    """How many of `lines` fit whole in their first `nbytes`, and their size."""
+    taken = size = 0
+    for line in lines:
+        if size + len(line) > nbytes:
+            break
+        size += len(line)
+        taken += 1
+    return taken, size
+
+
 class Spool:
     """The spool of one destination in this process: append, list, claim and remove.
 
@@ -118,13 +172,26 @@ class Spool:
         self._size = 0
         self._seq = 0
         self._total: int | None = None  # bytes in the folder, computed once, then tracked
+        self._done: set[str] = set()  # replayed but not removable (read-only): never again
+        self.undeletable: list[tuple[str, str]] = []  # (segment, why) not yet reported
 
     # -- writing ---------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Raise `OSError` with a clear message if the spool folders cannot be used."""
+        for d in (self.dir.parent, self.dir, self.dead_dir):
+            if d.is_symlink():
+                raise OSError(errno.ELOOP, f"spool folder {d} is a symlink; refused (use the "
+                                           "real path as spool_dir)")  # fmt: skip
+            if d.exists() and not d.is_dir():
+                raise OSError(errno.ENOTDIR, f"spool folder {d} exists and is not a folder")
+
     def _ensure_dirs(self) -> None:
-        for d in (self.dir.parent.parent, self.dir.parent, self.dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
+        self.check()
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.dir.parent, self.dir):  # private even where it already existed
+            if d.stat().st_mode & 0o777 != 0o700:
+                os.chmod(d, 0o700)
 
     def _new_segment(self, folder: Path) -> tuple[int, Path]:
         self._seq += 1
@@ -135,7 +202,11 @@ class Spool:
         return fd, path
 
     def append(self, records: list[dict[str, Any]]) -> int:
-        """Append records durably (one `write` + `fsync` per call). Returns how many fit."""
+        """Append records durably (one `write` + `fsync` per call). Returns how many fit.
+
+        Raises `SpoolWriteError` (with `taken`, the records stored) when the disk fails
+        part way; the segment then ends at the last whole record.
+        """
         if not records:
             return 0
         lines = [encode(r) for r in records]
@@ -143,26 +214,42 @@ class Spool:
             self._ensure_dirs()
             if self._total is None:
                 self._total = self.size_bytes()
-            room = self.max_bytes - self._total
-            taken = 0
-            size = 0
-            for line in lines:
-                if size + len(line) > room:
-                    break
-                size += len(line)
-                taken += 1
+            taken, size = _whole(lines, self.max_bytes - self._total)
             if not taken:
                 return 0
             if self._fd is None or self._size >= self.segment_bytes:
                 self._close_active()
                 self._fd, self._path = self._new_segment(self.dir)
                 self._size = 0
-            data = b"".join(lines[:taken])
-            os.write(self._fd, data)
-            os.fsync(self._fd)
-            self._size += len(data)
-            self._total += len(data)
+            fd = self._fd
+            try:
+                _write_all(fd, b"".join(lines[:taken]))
+                os.fsync(fd)
+            except OSError as exc:
+                stored = self._cut_back(fd)
+                done, size = _whole(lines[:taken], stored)
+                self._total += size
+                raise SpoolWriteError(done, exc) from exc
+            self._size += size
+            self._total += size
             return taken
+
+    def _cut_back(self, fd: int) -> int:
+        """After a failed append: drop its torn tail and close the segment, so the next
+        append starts a new one instead of gluing a record onto a torn line. Returns how
+        many bytes of the failed append stay (0 once truncated)."""
+        try:
+            end = os.fstat(fd).st_size
+        except OSError:
+            end = self._size
+        kept = 0
+        try:
+            os.ftruncate(fd, self._size)  # back to the last whole record before this append
+            os.fsync(fd)
+        except OSError:  # cannot truncate: whole records stay readable, a torn one is skipped
+            kept = max(0, end - self._size)
+        self._close_active()
+        return kept
 
     def dead_letter(self, rows: list[dict[str, Any]], errors: list[str]) -> None:
         """Keep rows BigQuery rejected for good, each with its error, in `dead-letter/`."""
@@ -174,7 +261,7 @@ class Spool:
                 data = b"".join(
                     encode({"error": e, "row": r}) for r, e in zip(rows, errors, strict=True)
                 )
-                os.write(fd, data)
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -202,7 +289,8 @@ class Spool:
     def segments(self) -> list[Path]:
         """Segments waiting for replay, oldest first (including ones other processes hold)."""
         try:
-            return sorted(p for p in self.dir.glob(f"*{SEGMENT_SUFFIX}") if p.is_file())
+            found = self.dir.glob(f"*{SEGMENT_SUFFIX}")
+            return sorted(p for p in found if p.name not in self._done and p.is_file())
         except OSError:
             return []
 
@@ -249,7 +337,11 @@ class Spool:
                     try:
                         size = path.stat().st_size
                         path.unlink()
-                    except OSError:
+                    except FileNotFoundError:
+                        return 0
+                    except OSError as exc:  # read-only: never send it again from here
+                        self._done.add(path.name)
+                        self.undeletable.append((str(path), str(exc)))
                         return 0
                     with self._lock:
                         if self._total is not None:
