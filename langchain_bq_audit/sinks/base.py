@@ -13,6 +13,11 @@ class PermanentError(Exception):
     """Sending the same request again will fail the same way (4xx other than 429/404)."""
 
 
+class ConfigurationError(Exception):
+    """Sending again will not help until the setup changes: missing credentials, permission
+    denied, an unknown project. Rows are spooled for later, not dead-lettered."""
+
+
 class TableMissingError(Exception):
     """The destination table (or dataset) does not exist."""
 
@@ -24,7 +29,8 @@ class Sink(Protocol):
         """Write `rows` with insert ids `ids`.
 
         Returns `{index: error}` for rows the backend rejected as invalid (all other rows
-        were written). Raises `RetryableError`, `PermanentError` or `TableMissingError`
+        were written). Raises `RetryableError`, `PermanentError`, `ConfigurationError` or
+        `TableMissingError`
         when the request as a whole failed (then no row was written).
         """
         ...

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import PermanentError, RetryableError, TableMissingError
+from .base import ConfigurationError, PermanentError, RetryableError, TableMissingError
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+_SETUP_STATUS = {401, 403}  # not authenticated, permission denied: spool, do not retry
 
 
 class InsertAllSink:
@@ -31,6 +32,8 @@ class InsertAllSink:
             code = getattr(exc, "code", None)
             if code in _RETRYABLE_STATUS or code is None:
                 raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+            if code in _SETUP_STATUS:
+                raise ConfigurationError(f"{type(exc).__name__}: {exc}") from exc
             raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
         except (OSError, ValueError) as exc:
             # requests' ConnectionError/Timeout are OSErrors; a torn response is a ValueError.

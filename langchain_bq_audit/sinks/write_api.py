@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from .arrow import arrow_schema, encode
-from .base import PermanentError, RetryableError, TableMissingError
+from .base import ConfigurationError, PermanentError, RetryableError, TableMissingError
 
 _REQUEST_BYTES = 1_000_000  # Arrow bytes per request: a 5 MB batch is 5 requests in flight
 _MAX_REQUEST_BYTES = 8_000_000  # the API takes at most 10 MB per request, envelope included
@@ -26,6 +26,7 @@ _MAX_IN_FLIGHT = 16
 # gRPC status codes (google.rpc.Code) that say "send again later"
 _RETRYABLE_CODES = {1, 2, 4, 8, 10, 13, 14}  # CANCELLED UNKNOWN DEADLINE RESOURCE ABORTED ...
 _NOT_FOUND = 5
+_SETUP_CODES = {7, 16}  # PERMISSION_DENIED, UNAUTHENTICATED: spool, do not retry
 _END = object()
 
 
@@ -154,7 +155,7 @@ class WriteApiSink:
             outcome = failure or _outcome(call, deadline, self._timeout, indexes, errors)
             if outcome is None:
                 written += length
-            elif isinstance(outcome, RetryableError | TableMissingError):
+            elif isinstance(outcome, RetryableError | TableMissingError | ConfigurationError):
                 failure = outcome
                 errors.update(dict.fromkeys(indexes, ""))  # not written: send again
             elif isinstance(outcome, PermanentError):
@@ -193,6 +194,8 @@ def _closed(exc: BaseException) -> _Closed:
 def _failure(code: int | None, message: str) -> Exception:
     if code == _NOT_FOUND:
         return TableMissingError(message)
+    if code in _SETUP_CODES:
+        return ConfigurationError(message)
     if code is None or code in _RETRYABLE_CODES:
         return RetryableError(message)
     return PermanentError(message)
