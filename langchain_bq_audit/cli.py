@@ -66,13 +66,31 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .writer import Writer
+    from .spool import default_spool_dir, spooled_destinations
 
     settings = _settings_from(args, spool_dir=args.spool_dir, handle_sigterm=False)
-    writer = Writer(settings)
-    if writer.spool is None:
+    if not settings.spool_enabled:
         print("bq-audit: the spool is disabled (BQ_AUDIT_SPOOL_ENABLED=false)", file=sys.stderr)
         return 2
+    if not args.all:
+        return _replay_one(settings)
+    root = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
+    found = spooled_destinations(root)
+    if not found:
+        print(f"nothing to replay in {root}")
+    code = 0
+    for project, dataset, table in found:
+        one = settings.replace(project=None if project == "default" else project,
+                               dataset=dataset, table=table)  # fmt: skip
+        code = max(code, _replay_one(one, f"{project}.{dataset}.{table}"))
+    return code
+
+
+def _replay_one(settings: Any, destination: str | None = None) -> int:
+    from .writer import Writer
+
+    writer = Writer(settings, destination=destination)
+    assert writer.spool is not None
     segments = writer.spool.segments()
     if not segments:
         print(f"nothing to replay in {writer.spool.dir}")
@@ -83,7 +101,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     stats = writer.stats()
     left = len(writer.spool.segments())
     print(
-        f"replayed {replayed} rows; {stats['dead_lettered']} dead-lettered; "
+        f"replayed {replayed} rows; {stats['replay_dead_lettered']} dead-lettered; "
         f"{stats['corrupt_spool_records']} torn records skipped; {left} segment(s) left"
     )
     if left:
@@ -203,37 +221,47 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     import json
 
-    from .client import project_hint
+    from .client import destination_id
     from .reading import summary
-    from .spool import Spool, default_spool_dir, read_segment
+    from .spool import Spool, default_spool_dir, read_segment, spooled_destinations
 
     client, table = _client_and_table(args)
     settings = _settings_from(args)
     root = Path(args.spool_dir or settings.spool_dir or default_spool_dir())
-    destination = f"{project_hint(settings, client)}.{settings.dataset}.{settings.table}"
-    spool = Spool(root, destination, max_bytes=1)  # only read here, never appended to
-    segments, dead = spool.segments(), spool.dead_letters()
-    local = {
-        "spool_dir": str(spool.dir),
-        "spooled_segments": len(segments),
-        "spooled_rows": sum(len(read_segment(p).records) for p in segments),
-        "spooled_bytes": spool.size_bytes(),
-        "dead_letter_segments": len(dead),
-        "dead_letter_rows": sum(len(read_segment(p).records) for p in dead),
-    }
+    here = destination_id(settings, client)
+    names = [here, *(".".join(d) for d in spooled_destinations(root))]
+    spools = []
+    for destination in dict.fromkeys(names):  # the named destination first, then the rest
+        spool = Spool(root, destination, max_bytes=1)  # only read here, never appended to
+        segments, dead = spool.segments(), spool.dead_letters()
+        spools.append({
+            "destination": destination,
+            "spool_dir": str(spool.dir),
+            "spooled_segments": len(segments),
+            "spooled_rows": sum(len(read_segment(p).records) for p in segments),
+            "spooled_bytes": spool.size_bytes(),
+            "dead_letter_segments": len(dead),
+            "dead_letter_rows": sum(len(read_segment(p).records) for p in dead),
+        })  # fmt: skip
+    local = spools[0]
     remote = summary(client, table)
     if args.json:
-        print(json.dumps({"table": table, **remote, **local}, default=str))
+        print(json.dumps({"table": table, **remote, **local, "spools": spools}, default=str))
         return 0
     print(f"table {table}: {remote['rows']} rows, {remote['sessions']} sessions, "
           f"{remote['users']} users, {remote['model_calls']} model calls, "
           f"{remote['total_tokens']} tokens, {remote['errors']} errors, "
           f"last write {remote['last_write'] or 'never'}")  # fmt: skip
-    print(f"spool {local['spool_dir']}: {local['spooled_rows']} rows in "
-          f"{local['spooled_segments']} segment(s) waiting for replay ({local['spooled_bytes']} "
-          f"bytes); {local['dead_letter_rows']} rows dead-lettered")  # fmt: skip
-    if local["spooled_rows"]:
-        print("  hint: bq-audit replay writes them now")
+    for one in spools:
+        if one is not local and not (one["spooled_rows"] or one["dead_letter_rows"]):
+            continue
+        print(
+            f"spool {one['spool_dir']}: {one['spooled_rows']} rows in "
+            f"{one['spooled_segments']} segment(s) waiting for replay "
+            f"({one['spooled_bytes']} bytes); {one['dead_letter_rows']} rows dead-lettered"
+        )
+    if any(one["spooled_rows"] for one in spools):
+        print("  hint: bq-audit replay --all writes them now")
     return 0
 
 
@@ -305,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_destination(rep, endpoint=True)
     rep.add_argument("--spool-dir", help="spool root (default: user cache dir)")
+    rep.add_argument(
+        "--all", action="store_true", help="every destination spooled here, not just the one named"
+    )
     rep.set_defaults(func=_cmd_replay)
 
     ini = add(

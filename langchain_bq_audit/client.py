@@ -26,6 +26,12 @@ def project_hint(settings: AuditSettings, client: Any = None) -> str:
     return LOCAL_PROJECT if settings.emulator_endpoint else "default"
 
 
+def destination_id(settings: AuditSettings, client: Any = None) -> str:
+    """`project.dataset.table` of the settings' destination: names its writer, its spool
+    folder, and what `bq-audit replay` and `stats` report. Known without network."""
+    return f"{project_hint(settings, client)}.{settings.dataset}.{settings.table}"
+
+
 def make_client(settings: AuditSettings) -> Any:
     """A `bigquery.Client`: the emulator's (anonymous) when one is configured, else ADC."""
     from google.cloud import bigquery

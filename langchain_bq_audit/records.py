@@ -6,8 +6,11 @@ thread, so the callback path stays a few attribute stores.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
+
+if TYPE_CHECKING:
+    from .settings import AuditSettings
 
 
 class RunRecord:
@@ -29,6 +32,7 @@ class RunRecord:
         "run_type",
         "serialized",
         "session_id",
+        "settings",
         "start_time",
         "status",
         "tags",
@@ -71,3 +75,6 @@ class RunRecord:
         self.user_id: str | None = None
         self.context: Any = None  # the `AuditContext` active at the run's start, if any
         self.owner: Any = None  # the handler that saw the start; only it ends the run
+        # that handler's row options (capture mode, redactors, sizes...): rows are built
+        # with these, by whichever writer, without reaching back into the handler
+        self.settings: AuditSettings | None = None

@@ -606,13 +606,32 @@ def build_row(rec: RunRecord, settings: AuditSettings = _DEFAULT_SETTINGS) -> di
             if isinstance(value, str) and not value.isascii():  # ASCII is valid UTF-8
                 row[key] = clean_text(value)
     except Exception as exc:  # a strange input: keep the run, say why its content is missing
-        row = _minimal_row(rec, settings)
-        row["error_message"] = f"langchain-bq-audit could not render this run: {exc!r}"[:2000]
+        row = _failed_row(rec, settings, "render", exc)
+    try:
+        _finish(row, settings)
+    except Exception as exc:  # a redactor or an id that fails: the run still leaves a row
+        row = _failed_row(rec, settings, "redact", exc)
+        try:
+            _finish(row, settings)
+        except Exception:  # not even the identity passes: no user, no session, no text
+            row.update(user_id=None, session_id=None, tags=[], is_truncated=True)
+    return row
+
+
+def _finish(row: dict[str, Any], settings: AuditSettings) -> None:
     capture(row, settings.capture_mode)
     # Redact the whole text, then cut: a cut first could leave a credential's head too
     # short for its pattern to recognise.
     redact_row(row, settings.capture_mode, settings.redactors, settings.user_id_key)
     fit_row(row, settings.max_field_chars, settings.max_row_bytes)
+
+
+def _failed_row(
+    rec: RunRecord, settings: AuditSettings, step: str, exc: Exception
+) -> dict[str, Any]:
+    """The run's identity, with `error_message` saying why the rest of the row is missing."""
+    row = _minimal_row(rec, settings)
+    row["error_message"] = f"langchain-bq-audit could not {step} this run: {exc!r}"[:2000]
     return row
 
 

@@ -19,6 +19,16 @@ SINKS = ("insert_all", "write_api")
 CAPTURE_MODES = ("full", "redacted", "metadata")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # also what LANGCHAIN_BQ_AUDIT takes
 _FALSE = {"0", "false", "no", "off", ""}
+# Options of the one writer a destination table has per process: the first handler's win,
+# and a later handler asking otherwise is warned about by name (`delivery_differences`).
+# Every other option shapes rows and is each handler's own.
+DELIVERY_OPTIONS = (
+    "location", "sink", "write_api_host", "auto_create", "retention_days", "labels",
+    "batch_rows", "batch_bytes", "batch_age_s", "max_queue_rows", "request_timeout_s",
+    "batch_deadline_s", "shutdown_timeout_s", "max_buffer_bytes", "spool_enabled", "spool_dir",
+    "max_spool_bytes", "handle_sigterm", "run_ttl_s", "max_pending_runs", "hash_chain",
+    "writer_process",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,14 @@ class AuditSettings:
     def replace(self, **changes: Any) -> AuditSettings:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def delivery_differences(self, other: AuditSettings) -> list[str]:
+        """`name=mine (not other's)` for each delivery option where `other` differs."""
+        return [
+            f"{name}={getattr(other, name)!r} (is {getattr(self, name)!r})"
+            for name in DELIVERY_OPTIONS
+            if getattr(self, name) != getattr(other, name)
+        ]
 
     @property
     def destination(self) -> tuple[str | None, str, str, str | None]:

@@ -20,7 +20,6 @@ import atexit
 import contextlib
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -30,12 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .client import project_hint
+from .client import destination_id
 from .records import RunRecord
+from .retry import Breaker
 from .settings import AuditSettings
 from .tracker import RunTracker
 
 if TYPE_CHECKING:
+    from .sinks.base import Sink
     from .spool import Spool
     from .writer_process import ProcessWriter
 
@@ -44,15 +45,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_BACKOFF_FIRST_S = 0.2
-_BACKOFF_MAX_S = 5.0
-_PROBE_FIRST_S = 1.0  # while BigQuery is down, try the spool's oldest rows this often...
-_PROBE_MAX_S = 30.0  # ...backing off to this
 _WARN_EVERY_S = 60.0
-COUNTERS = (
-    "accepted", "written", "retried", "spooled", "replayed", "dead_lettered", "dropped",
-    "batches", "corrupt_spool_records",
-)  # fmt: skip
+# What happened to the rows this writer accepted: each ends in exactly one of these four
+# (or is still `queued`), so `accepted == sum(SETTLED) + queued` at every quiet point.
+SETTLED = ("written", "dead_lettered", "spooled", "dropped")
+# What happened to spooled rows later, by whichever process replays them (not part of the
+# sum: those rows were counted `spooled` when they went to disk, maybe by another process).
+REPLAY = ("replayed", "replay_dead_lettered", "corrupt_spool_records")
+COUNTERS = ("accepted", *SETTLED, *REPLAY, "retried", "batches", "build_errors")
 
 
 class _Marker:
@@ -92,8 +92,10 @@ class RunQueue:
     def submit(self, record: RunRecord | dict[str, Any]) -> None:
         """Queue a finished run. O(1); never blocks, never raises."""
         records = self._records
+        with self._lock:  # uncontended: about 0.1 us; `+=` alone is not atomic across threads
+            self.counters["accepted"] += 1
         if len(records) >= self._max_queue:
-            self._count("dropped", 1, "in-memory queue full")
+            self._count("dropped", 1, "in-memory queue full (max_queue_rows)")
             return
         records.append(record)
         if self._builder is None:
@@ -139,6 +141,11 @@ class RunQueue:
     def _sweep(self) -> None:
         self._records.extend(self.tracker.sweep(time.time()))
 
+    def _abandon_pending(self) -> None:
+        """At close (and so at exit and SIGTERM): runs still in flight leave a row too."""
+        for rec in self.tracker.abandon_all(time.time()):
+            self.submit(rec)
+
     # -- bookkeeping -----------------------------------------------------------------------
 
     def _count(self, counter: str, n: int, error: str | None = None) -> None:
@@ -160,25 +167,44 @@ class RunQueue:
 class Writer(RunQueue):
     """Queue, batching, retries, spool and replay, flush and close for one destination."""
 
-    def __init__(self, settings: AuditSettings, client: Any = None) -> None:
+    def __init__(
+        self,
+        settings: AuditSettings,
+        client: Any = None,
+        *,
+        sink: Sink | None = None,
+        destination: str | None = None,
+    ) -> None:
+        """A writer for `settings`' destination.
+
+        `client`: a ready `bigquery.Client` (else one is made on first write). `sink`: any
+        `Sink` to write with instead of BigQuery (no client, no provisioning; tests use
+        `MemorySink`). `destination`: the `project.dataset.table` whose spool folder to use,
+        when it differs from the settings' (`bq-audit replay --all`).
+        """
         self.settings = settings
         self._client = client
         self._own_client = client is None
-        self._sink: Any = None
-        if settings.sink == "write_api":
+        self._given_sink = sink
+        self._sink: Any = sink
+        if settings.sink == "write_api" and sink is None:
             _require_write_api()
-        self._provisioned = False
+        self._provisioned = sink is not None
         self._max_queue = settings.max_queue_rows
         self._batch_rows = settings.batch_rows
         self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
         self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
-        self.destination = f"{project_hint(settings, client)}.{settings.dataset}.{settings.table}"
+        self.destination = destination or destination_id(settings, client)
         self.spool: Spool | None = None
         if settings.spool_enabled:
             from .spool import Spool, default_spool_dir
 
             root = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
             self.spool = Spool(root, self.destination, settings.max_spool_bytes)
+            try:  # found now, not during the first outage
+                self.spool.check()
+            except OSError as exc:
+                logger.warning("langchain-bq-audit: the spool cannot be used: %s", exc)
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
@@ -198,9 +224,7 @@ class Writer(RunQueue):
         self._generation = 0  # threads of an older generation finish their work and exit
         self._stopping = False
         self._abort = threading.Event()
-        self._down = False
-        self._next_probe = 0.0
-        self._probe_wait = _PROBE_FIRST_S
+        self._breaker = Breaker()
         # a chain per writer and process: a forked child starts a chain of its own
         from .integrity import HashChain
 
@@ -240,6 +264,7 @@ class Writer(RunQueue):
         Returns True when everything was written. The writer starts again if used again.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._abandon_pending()
         if self._builder is None and not self._records:
             self._seal_spool()
             return True
@@ -285,20 +310,30 @@ class Writer(RunQueue):
             if isinstance(item, _Marker):
                 markers.append(item)
             else:
-                self._count("accepted", 1)
-                rows.append(self._row(item))
+                row = self._row(item)
+                if row is not None:
+                    rows.append(row)
         self._to_spool(rows)
         for marker in markers:
             marker.done.set()
         return len(rows)
 
     def stats(self) -> dict[str, Any]:
-        """Counters, the queue and buffer sizes, spool state, the last error."""
+        """Counters, the queue and buffer sizes, spool state, the last error.
+
+        `accepted == written + dead_lettered + spooled + dropped + queued` whenever the
+        writer is quiet (after `flush`): `queued` counts runs waiting to be built, rows
+        waiting to be sent and rows in flight.
+        """
         out: dict[str, Any] = dict(self.counters)
-        out["queued"] = sum(1 for i in list(self._records) if not isinstance(i, _Marker)) + sum(
-            1 for i, _ in list(self._rows) if not isinstance(i, _Marker)
+        with self._cond:
+            inflight = 0 if self._inflight_taken else len(self._inflight)
+        out["queued"] = (
+            sum(1 for i in list(self._records) if not isinstance(i, _Marker))
+            + sum(1 for i, _ in list(self._rows) if not isinstance(i, _Marker))
+            + inflight
         )
-        out["bigquery_down"] = self._down
+        out["bigquery_down"] = self._breaker.down
         out["spool_bytes"] = self.spool.size_bytes() if self.spool else 0
         out["last_error"] = self.last_error
         out["last_write_time"] = self.last_write_time
@@ -340,12 +375,17 @@ class Writer(RunQueue):
         """Spool rows; what the spool cannot take (disabled, full, disk error) is dropped."""
         if not rows:
             return
+        from .spool import SpoolWriteError
+
         taken = 0
-        error = "spool disabled"
+        error = "spool disabled (spool_enabled=false)"
         if self.spool is not None:
             try:
                 taken = self.spool.append(rows)
-                error = "spool full"
+                error = "spool full (max_spool_bytes)"
+            except SpoolWriteError as exc:  # the disk filled up part way
+                taken = exc.taken
+                error = f"spool write failed: {exc.cause}"
             except OSError as exc:
                 error = f"spool error: {exc}"
         if taken:
@@ -355,11 +395,20 @@ class Writer(RunQueue):
 
     # -- builder thread --------------------------------------------------------------------
 
-    def _row(self, record: RunRecord | dict[str, Any]) -> dict[str, Any]:
-        """The row of a finished run, built with its handler's settings, then chained."""
-        row = self._built(record)
-        if self._chain is not None:
-            self._chain.link(row)
+    def _row(self, record: RunRecord | dict[str, Any]) -> dict[str, Any] | None:
+        """The row of a finished run, built with its handler's settings, then chained.
+
+        None (the run counted `dropped`, with the error) only when not even a minimal row
+        can be made of it; `build_row` already turns content it cannot render into one.
+        """
+        try:
+            row = self._built(record)
+            if self._chain is not None:
+                self._chain.link(row)
+        except Exception as exc:  # a bug, or a run we cannot read at all: count, never lose
+            self._count("build_errors", 1)
+            self._count("dropped", 1, f"row not built: {type(exc).__name__}: {exc}")
+            return None
         return row
 
     def _built(self, record: RunRecord | dict[str, Any]) -> dict[str, Any]:
@@ -369,8 +418,7 @@ class Writer(RunQueue):
 
         if isinstance(record, dict):
             return record
-        owner = record.owner
-        return build_row(record, owner.settings if owner is not None else self.settings)
+        return build_row(record, record.settings or self.settings)
 
     def _build(self) -> None:
         from .rows import row_size
@@ -392,11 +440,13 @@ class Writer(RunQueue):
                     self._rows_markers += 1
                     self._cond.notify()
                 continue
-            self._count("accepted", 1)  # under the lock: spool_memory counts from another thread
             row = self._row(item)
+            if row is None:
+                continue
             size = row_size(row)
             with self._cond:
-                if self._down or self._abort.is_set() or self._rows_bytes + size > limit:
+                down = self._breaker.down
+                if down or self._abort.is_set() or self._rows_bytes + size > limit:
                     spill.append(row)
                 else:
                     self._rows.append((row, size))
@@ -426,7 +476,7 @@ class Writer(RunQueue):
                         gen != self._generation or (self._stopping and self._builder is None)
                     ):
                         return
-                    self._cond.wait(self._probe_wait if self._down else wait)
+                    self._cond.wait(self._breaker.probe_wait if self._breaker.down else wait)
                 size = 0
                 due = self._send_wait() <= 0  # else go round: the wait ended early
                 while due and self._rows and len(batch) < self._batch_rows:
@@ -451,7 +501,7 @@ class Writer(RunQueue):
             try:
                 if batch:
                     self._send_batch(batch)
-                if not self._stopping and time.monotonic() >= self._next_probe:
+                if not self._stopping and self._breaker.probe_due():
                     self._replay()
             except Exception as exc:  # never let the thread die
                 self.last_error = f"sender error: {exc!r}"
@@ -480,30 +530,24 @@ class Writer(RunQueue):
         return max(0.0, since + self.settings.batch_age_s - time.monotonic())
 
     def _send_batch(self, batch: list[dict[str, Any]]) -> None:
-        if self._abort.is_set() or (self._down and time.monotonic() < self._next_probe):
+        if self._abort.is_set() or not self._breaker.probe_due():
             written = False
         else:  # while down, a batch due for a probe gets one attempt
-            written = self._deliver(batch, once=self._down)
+            written = self._deliver(batch, once=self._breaker.down)
         if not written:
             with self._cond:
                 taken = self._inflight_taken  # already spooled by `spool_memory`
             if not taken:
                 self._to_spool(batch)
 
-    def _mark_down(self, error: str) -> None:
-        if not self._down:
-            self._down = True
-            self._probe_wait = _PROBE_FIRST_S
-            self._warn("down", f"langchain-bq-audit: BigQuery unreachable, spooling: {error}")
-        else:
-            self._probe_wait = min(self._probe_wait * 2, _PROBE_MAX_S)
-        self._next_probe = time.monotonic() + self._probe_wait
-
-    def _mark_up(self) -> None:
-        if self._down:
-            self._down = False
-            self._probe_wait = _PROBE_FIRST_S
-            self._next_probe = 0.0
+    def _mark_down(self, error: str, setup: bool = False) -> None:
+        self.last_error = error
+        if self._breaker.failed():
+            if setup:  # not an outage: say what to fix, at once
+                message = f"langchain-bq-audit: cannot write to {self.destination}, spooling: "
+            else:
+                message = "langchain-bq-audit: BigQuery unreachable, spooling: "
+            self._warn("setup" if setup else "down", message + error)
 
     def _ensure_sink(self) -> Any:
         if self._sink is None:
@@ -538,14 +582,15 @@ class Writer(RunQueue):
         """Write rows with bounded retries. True when each was written or dead-lettered.
 
         False means BigQuery could not be reached within the batch deadline (or one attempt,
-        with `once`, or shutdown cut it short): the caller keeps the rows (spools them, or
-        leaves them spooled).
+        with `once`, or shutdown cut it short), or a configuration problem stops every
+        attempt: the caller keeps the rows (spools them, or leaves them spooled).
         """
+        from .retry import backoff_delays, setup_error
         from .sinks.base import PermanentError, RetryableError, TableMissingError
 
         self.counters["batches"] += 1
         deadline = time.monotonic() + self.settings.batch_deadline_s
-        backoff = _BACKOFF_FIRST_S
+        delays = backoff_delays()
         pending = rows
         while pending:
             try:
@@ -553,31 +598,39 @@ class Writer(RunQueue):
                 errors = sink.write(pending, [r["event_id"] for r in pending])
             except TableMissingError as exc:
                 self._provisioned = False
+                if not self.settings.auto_create:  # nobody will create it: say so, keep rows
+                    self._mark_down(f"table missing and auto_create is off: {exc}", setup=True)
+                    return False
                 error = f"table missing: {exc}"
             except PermanentError as exc:
-                self._dead_letter(pending, [str(exc)] * len(pending))
-                self._mark_up()
+                self._dead_letter(pending, [str(exc)] * len(pending), replay)
+                self._breaker.succeeded()
                 return True
             except (RetryableError, OSError) as exc:
                 error = str(exc)
-            except Exception as exc:  # client construction, provisioning, credentials...
+                if type(exc) is OSError and (setup := setup_error(exc)) is not None:
+                    self._mark_down(str(setup), setup=True)
+                    return False
+            except Exception as exc:  # credentials, permissions, provisioning, a bug...
+                setup = setup_error(exc)
+                if setup is not None:  # no retry: it fails the same way until fixed
+                    self._mark_down(str(setup), setup=True)
+                    return False
                 error = f"{type(exc).__name__}: {exc}"
             else:
-                self._mark_up()
+                self._breaker.succeeded()
                 invalid = {i: e for i, e in errors.items() if e}
                 written = len(pending) - len(errors)
-                self._count("written", written)
-                if replay:
-                    self._count("replayed", written)
+                self._count("replayed" if replay else "written", written)
                 if written:
                     self.last_write_time = time.time()
                 if invalid:
-                    self._dead_letter([pending[i] for i in invalid], list(invalid.values()))
+                    self._dead_letter([pending[i] for i in invalid], list(invalid.values()), replay)
                 # rows 'stopped' only because a neighbour was invalid are sent again
                 pending = [pending[i] for i, e in errors.items() if not e]
                 continue
             self.last_error = error
-            wait = backoff * (0.5 + random.random())  # jitter spreads retries of many writers
+            wait = next(delays)
             if once or time.monotonic() + wait >= deadline or self._abort.is_set():
                 self._mark_down(error)
                 return False
@@ -585,10 +638,11 @@ class Writer(RunQueue):
             if self._abort.wait(wait):
                 self._mark_down(error)
                 return False
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
         return True
 
-    def _dead_letter(self, rows: list[dict[str, Any]], errors: list[str]) -> None:
+    def _dead_letter(self, rows: list[dict[str, Any]], errors: list[str], replay: bool) -> None:
+        """Keep rows BigQuery rejected for good; counted `dead_lettered` (`dropped` if the
+        dead-letter file cannot be written), or `replay_dead_lettered` for spooled rows."""
         stored = False
         if self.spool is not None:
             try:
@@ -596,7 +650,11 @@ class Writer(RunQueue):
                 stored = True
             except OSError as exc:
                 errors = [f"{e} (dead-letter write failed: {exc})" for e in errors]
-        self._count("dead_lettered" if stored else "dropped", len(rows), f"rejected: {errors[0]}")
+        # a replayed row was counted once already, as spooled
+        counter = "dead_lettered" if stored else "dropped"
+        self._count(
+            "replay_dead_lettered" if replay else counter, len(rows), f"rejected: {errors[0]}"
+        )
 
     # -- replay ----------------------------------------------------------------------------
 
@@ -605,35 +663,29 @@ class Writer(RunQueue):
         spool = self.spool
         if spool is None:
             return 0
-        spool.seal()  # what we spooled ourselves during an outage becomes replayable too
-        if not spool.pending():
-            return 0
-        replayed = 0
-        total = spool.size_bytes()
-        done_bytes = 0
-        for contents, done in spool.claim():
-            if self._stopping or self._abort.is_set():
-                break
-            if contents.corrupt:
-                self._count("corrupt_spool_records", contents.corrupt, "torn spool record skipped")
-            ok = True
-            for start in range(0, len(contents.records), self._batch_rows):
-                chunk = contents.records[start : start + self._batch_rows]
-                if not self._deliver(chunk, replay=True, once=self._down):
-                    ok = False
-                    break
-                replayed += len(chunk)
-            if not ok:
-                break
-            done_bytes += done()
-            if progress is not None:
-                progress(done_bytes, total)
-        return replayed
+        from .replay import replay
+
+        sent = replay(
+            spool,
+            lambda batch: self._deliver(batch, replay=True, once=self._breaker.down),
+            lambda records, errors: self._dead_letter(records, errors, replay=True),
+            max_rows=self._batch_rows,
+            max_bytes=self.settings.batch_bytes,
+            stop=lambda: self._stopping or self._abort.is_set(),
+            corrupt=lambda n: self._count("corrupt_spool_records", n, "torn spool record skipped"),
+            progress=progress,
+        )
+        while spool.undeletable:  # a read-only spool: replayed, kept, never sent again here
+            path, why = spool.undeletable.pop()
+            self.last_error = f"replayed spool segment {path} cannot be removed: {why}"
+            self._warn("undeletable", f"langchain-bq-audit: {self.last_error}; this process "
+                                      "will not send it again; remove it by hand")  # fmt: skip
+        return sent
 
     def _after_fork_in_child(self) -> None:
         self._reset_process_state()
         self.tracker.forget()
-        self._sink = None
+        self._sink = self._given_sink
         if self._own_client:  # never share the parent's HTTP connections
             self._client = None
         if self.spool is not None:
@@ -641,7 +693,7 @@ class Writer(RunQueue):
 
     def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Replay the spool in the calling thread (what `bq-audit replay` does)."""
-        self._mark_up()
+        self._breaker.succeeded()
         return self._replay(progress)  # which seals the open segment first
 
 
@@ -680,11 +732,12 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer | ProcessW
     key = (*settings.destination, id(client) if client is not None else None)
     writer = _writers.get(key)
     if writer is not None:
-        if writer.settings.sink != settings.sink:  # one writer per table: the first one's sink
+        ignored = writer.settings.delivery_differences(settings)
+        if ignored:  # one writer per table: the first handler's delivery options hold
             writer._warn(
-                "sink",
-                f"langchain-bq-audit: {writer.destination} is already written with "
-                f"sink={writer.settings.sink!r}; sink={settings.sink!r} is ignored for it",
+                "options:" + ",".join(ignored),
+                f"langchain-bq-audit: {writer.destination} already has a writer; these options "
+                f"of a later handler are ignored for it: {', '.join(ignored)}",
             )
         return writer
     with _registry_lock:

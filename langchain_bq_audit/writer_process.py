@@ -39,7 +39,7 @@ from .records import RunRecord
 from .rows import run_status, to_jsonable
 from .settings import AuditSettings
 from .tracker import RunTracker
-from .writer import COUNTERS, RunQueue, Writer, get_writer
+from .writer import COUNTERS, SETTLED, RunQueue, Writer, get_writer
 
 _HEADER = struct.Struct("<I")
 # Run ids cross as ints (a UUID pickles through Python code), errors as name and message.
@@ -89,19 +89,9 @@ def _receive(stream: BinaryIO) -> tuple[Any, ...] | None:
 # -- what crosses: runs, errors, objects the child cannot import ------------------------------
 
 
-class _Owner:
-    """Stands in for the handler that saw a run: the child needs only its settings."""
-
-    __slots__ = ("settings",)
-
-    def __init__(self, settings: AuditSettings | None) -> None:
-        self.settings = settings
-
-
 def _record(
-    ids: tuple[Any, Any, Any], error: BaseException | None, status: str,
-    rest: tuple[Any, ...], settings: AuditSettings | None,
-) -> RunRecord:  # fmt: skip
+    ids: tuple[Any, Any, Any], error: BaseException | None, status: str, rest: tuple[Any, ...]
+) -> RunRecord:
     rec = RunRecord.__new__(RunRecord)
     rec.run_id, rec.parent_run_id, rec.trace_id = (
         UUID(int=i) if type(i) is int else i for i in ids
@@ -110,7 +100,7 @@ def _record(
     rec.status = status
     for name, value in zip(_REST, rest, strict=True):
         setattr(rec, name, value)
-    rec.owner = _Owner(settings) if settings is not None else None
+    rec.owner = None  # the handler stays in the application; `settings` crossed
     return rec
 
 
@@ -119,8 +109,7 @@ def _reduce_record(rec: RunRecord) -> tuple[Any, ...]:
                                                              rec.trace_id))  # fmt: skip
     # the error crosses as its name and message (`reducer_override`), so a cancellation is
     # told here, where its type is still known
-    settings = getattr(rec.owner, "settings", None)
-    return _record, (ids, rec.error, run_status(rec), _get_rest(rec), settings)
+    return _record, (ids, rec.error, run_status(rec), _get_rest(rec))
 
 
 _error_types: dict[str, type[Exception]] = {}
@@ -233,6 +222,7 @@ class ProcessWriter(RunQueue):
     def close(self, timeout: float | None = 10.0) -> bool:
         """Write what is queued within `timeout`, spool the rest, stop the child."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._abandon_pending()
         if self._builder is None and not self._records:
             return True
         ok, _ = self._ask("close", timeout)
@@ -259,10 +249,13 @@ class ProcessWriter(RunQueue):
         if self._builder is not None:  # asked behind the queued runs: they are sent first
             _, fresh = self._ask("stats", 1.0)
         child = fresh or self._child
+        # `accepted` is this side's (the runs handed to this writer); every other counter
+        # adds up what this side, the children that ended and the current child did
         out: dict[str, Any] = {
             name: self.counters[name] + self._earlier[name] + int(child.get(name, 0))
             for name in COUNTERS
         }
+        out["accepted"] = self.counters["accepted"]
         queued = sum(1 for i in list(self._records) if not isinstance(i, _Request))
         queued += sum(len(b) for b in list(self._unacked.values()))
         out["queued"] = queued + int(child.get("queued", 0))
@@ -271,10 +264,12 @@ class ProcessWriter(RunQueue):
         out["last_error"] = child.get("last_error") or self.last_error
         out["last_write_time"] = child.get("last_write_time")
         out["writer_process"] = self._proc.pid if self._proc is not None else None
+        out["handed_over"] = int(child.get("received", 0))  # runs the current child has read
         if self._local_used:
             local = self._local.stats()
             for name in (*COUNTERS, "queued"):
-                out[name] += local[name]
+                if name != "accepted":  # counted here already, as it was handed over
+                    out[name] += local[name]
             out["spool_bytes"] = max(out["spool_bytes"], local["spool_bytes"])  # one folder
         return out
 
@@ -540,9 +535,8 @@ def _left(deadline: float | None) -> float | None:
 
 
 def _settled(counters: dict[str, Any]) -> int:
-    """Rows a child has done with: written (not counting replays), spooled, rejected, dropped."""
-    c = {name: int(counters.get(name, 0)) for name in COUNTERS}
-    return c["written"] - c["replayed"] + c["spooled"] + c["dead_lettered"] + c["dropped"]
+    """Rows a child has done with: written, spooled, rejected or dropped (not replays)."""
+    return sum(int(counters.get(name, 0)) for name in SETTLED)
 
 
 # -- the child's side -------------------------------------------------------------------------
@@ -596,7 +590,10 @@ def main(argv: list[str]) -> int:
                 ok = writer.close(arg)
                 answer("done", seq, (ok, stats()))
                 return 0
-        writer.close(writer.settings.shutdown_timeout_s)
+        # The application is gone (exit, or even kill -9) and nobody waits for us: take as
+        # long as one batch may (the first write may also create the table), then spool.
+        settings = writer.settings
+        writer.close(max(settings.shutdown_timeout_s, settings.batch_deadline_s))
         return 0
 
 
