@@ -168,6 +168,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             rec.session_id = ctx.session_id or self._session_id
             rec.user_id = ctx.user_id or self._user_id
         rec.owner = self
+        rec.settings = self.settings
         runs[run_id] = rec
 
     def _end(self, run_id: UUID, outputs: Any, error: BaseException | None, kwargs: Any) -> None:
@@ -187,6 +188,8 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         if error is not None:
             rec.status = "error"
             rec.error = error
+            for child in self._tracker.end_descendants(rec, rec.end_time):  # rare: errors only
+                self._submit(child)
         self._submit(rec)
 
     # -- LangChain callbacks ------------------------------------------------------------------

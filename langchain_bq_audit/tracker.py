@@ -12,6 +12,10 @@ from uuid import UUID
 from .records import RunRecord
 
 
+class RunNotEnded(Exception):
+    """Why a run's row was written without its end: the `error_message` of that row."""
+
+
 class RunTracker:
     """Pending runs keyed by run id, bounded, with a sweep for runs that never end."""
 
@@ -36,6 +40,43 @@ class RunTracker:
                 rec.end_time = now
                 out.append(rec)
         self.abandoned += len(out)  # only the writer thread writes this counter
+        return out
+
+    def end_descendants(self, rec: RunRecord, now: float) -> list[RunRecord]:
+        """Pending runs under `rec`, which just ended in an error or a cancellation, marked
+        `cancelled`: LangChain sends no end for a model call cut off by `asyncio.wait_for`,
+        so without this its row would wait `ttl_s`. A scan of the pending runs of one
+        trace, on error ends only. An end that still comes later counts as unmatched."""
+        trace = rec.trace_id
+        mine = [r for r in self.runs.copy().values() if r.trace_id == trace and r is not rec]
+        ended = {rec.run_id}
+        out: list[RunRecord] = []
+        grew = True
+        while grew:  # a grandchild's parent may come later in the list than the grandchild
+            grew = False
+            for child in mine:
+                if child.parent_run_id in ended and child.run_id not in ended:
+                    ended.add(child.run_id)
+                    grew = True
+                    if self.runs.pop(child.run_id, None) is child:
+                        child.status = "cancelled"
+                        why = type(rec.error).__name__
+                        child.error = RunNotEnded(f"no end: run {rec.run_id} above it ended "
+                                                  f"first ({why})")  # fmt: skip
+                        child.end_time = now
+                        out.append(child)
+        return out
+
+    def abandon_all(self, now: float) -> list[RunRecord]:
+        """Every pending run, marked `abandoned` (the writer is closing: exit, SIGTERM)."""
+        out = []
+        for run_id, rec in self.runs.copy().items():
+            if self.runs.pop(run_id, None) is rec:
+                rec.status = "abandoned"
+                rec.error = RunNotEnded("still running when the audit writer closed")
+                rec.end_time = now
+                out.append(rec)
+        self.abandoned += len(out)
         return out
 
     def forget(self) -> None:
