@@ -244,11 +244,19 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             "dead_letter_rows": sum(len(read_segment(p).records) for p in dead),
         })  # fmt: skip
     local = spools[0]
-    remote = summary(client, table)
+    try:
+        remote = summary(client, table)
+    except Exception as exc:  # no table yet: what waits in the spool is still worth showing
+        if type(exc).__name__ != "NotFound":
+            raise
+        remote = dict.fromkeys(("rows", "sessions", "users", "model_calls", "total_tokens",
+                                "errors", "last_write"))  # fmt: skip
+        print(f"table {table}: not found (bq-audit init creates it)", file=sys.stderr)
     if args.json:
         print(json.dumps({"table": table, **remote, **local, "spools": spools}, default=str))
         return 0
-    print(f"table {table}: {remote['rows']} rows, {remote['sessions']} sessions, "
+    if remote["rows"] is not None:
+        print(f"table {table}: {remote['rows']} rows, {remote['sessions']} sessions, "
           f"{remote['users']} users, {remote['model_calls']} model calls, "
           f"{remote['total_tokens']} tokens, {remote['errors']} errors, "
           f"last write {remote['last_write'] or 'never'}")  # fmt: skip

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from .sinks.base import ConfigurationError
+from .sinks.base import IAM_HINT, ConfigurationError
 
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
@@ -89,5 +89,5 @@ def setup_error(exc: BaseException) -> ConfigurationError | None:
         code if isinstance(code, int) else 0
     )
     if what is not None:
-        return ConfigurationError(f"{what} ({text}); check the project, dataset and IAM roles")
+        return ConfigurationError(f"{what} ({text}); {IAM_HINT}")
     return None

@@ -155,3 +155,22 @@ def read_rows(bq_client: Any, table_name: str) -> Callable[..., list[dict[str, A
         )
 
     return read
+
+
+SETTLED = ("written", "dead_lettered", "spooled", "dropped")
+
+
+def assert_accounted(stats: dict[str, Any]) -> None:
+    """The accounting rule at a quiet point: every accepted row is written, dead-lettered,
+    spooled, dropped or still queued, exactly once."""
+    settled = sum(stats[name] for name in SETTLED)
+    assert stats["accepted"] == settled + stats["queued"], stats
+
+
+def accounted(handler: Any, timeout: float = 60) -> dict[str, Any]:
+    """Flush `handler`, wait until nothing is queued, assert the accounting rule; its stats."""
+    handler.flush(timeout)
+    wait_for(lambda: handler.stats()["queued"] == 0, timeout, "the writer to go quiet")
+    stats: dict[str, Any] = handler.stats()
+    assert_accounted(stats)
+    return stats

@@ -1,13 +1,16 @@
 """A TCP proxy on 127.0.0.1 that injects real network faults between a client and a server.
 
 Modes: `pass` (forward bytes), `reset` (every connection, old and new, is cut with a TCP
-RST), `stall` (connections are accepted and read, but nothing is ever answered). Switching
-mode applies to open connections too, as a real outage would to a pooled keep-alive socket.
+RST), `stall` (connections are accepted and read, but nothing is ever answered), and
+`http` (every HTTP request is answered with `status`, as BigQuery answers 503, 429 or 403,
+on keep-alive connections; `answered` counts them). Switching mode applies to open
+connections too, as a real outage would to a pooled keep-alive socket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 import socket
 import struct
@@ -18,6 +21,8 @@ class FaultProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.mode = "pass"
+        self.status = 503
+        self.answered = 0  # requests answered with `status` in `http` mode
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closing = False
@@ -30,10 +35,11 @@ class FaultProxy:
     def host_port(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def set_mode(self, mode: str) -> None:
-        assert mode in ("pass", "reset", "stall")
+    def set_mode(self, mode: str, status: int = 503) -> None:
+        assert mode in ("pass", "reset", "stall", "http")
+        self.status = status
         self.mode = mode
-        if mode == "reset":
+        if mode in ("reset", "http"):  # pooled connections must meet the new mode too
             with self._lock:
                 conns = list(self._conns)
             for conn in conns:
@@ -56,7 +62,43 @@ class FaultProxy:
             if self.mode == "reset":
                 _reset(client)
                 continue
-            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+            target = self._answer if self.mode == "http" else self._pipe
+            threading.Thread(target=target, args=(client,), daemon=True).start()
+
+    def _answer(self, client: socket.socket) -> None:
+        """Read HTTP requests and answer each with `status` and a BigQuery error body."""
+        data = b""
+        try:
+            client.settimeout(30)
+            while self.mode == "http" and not self._closing:
+                while b"\r\n\r\n" not in data:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(data) < length:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data[length:]
+                code = self.status
+                reason = {403: "accessDenied", 429: "rateLimitExceeded"}.get(code, "backendError")
+                body = json.dumps({"error": {"code": code, "message": f"injected {reason}",
+                                             "errors": [{"reason": reason}]}}).encode()  # fmt: skip
+                head = b"HTTP/1.1 %d Injected\r\nContent-Type: application/json\r\n" % code
+                client.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                self.answered += 1
+        except OSError:
+            return
+        finally:
+            _reset(client)
 
     def _pipe(self, client: socket.socket) -> None:
         upstream: socket.socket | None = None

@@ -18,6 +18,15 @@ class ConfigurationError(Exception):
     denied, an unknown project. Rows are spooled for later, not dead-lettered."""
 
 
+IAM_HINT = "check the project, and the caller's IAM roles on the dataset (bigquery.dataEditor)"
+
+
+def setup_refused(code: int | None, detail: str) -> ConfigurationError:
+    """The error for an answer that says: not authenticated (401) or permission denied."""
+    what = "not authenticated" if code in (401, 16) else "permission denied"
+    return ConfigurationError(f"{what} ({detail}); {IAM_HINT}")
+
+
 class TableMissingError(Exception):
     """The destination table (or dataset) does not exist."""
 

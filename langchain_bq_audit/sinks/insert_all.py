@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ConfigurationError, PermanentError, RetryableError, TableMissingError
+from .base import PermanentError, RetryableError, TableMissingError, setup_refused
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 _SETUP_STATUS = {401, 403}  # not authenticated, permission denied: spool, do not retry
@@ -33,7 +33,7 @@ class InsertAllSink:
             if code in _RETRYABLE_STATUS or code is None:
                 raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
             if code in _SETUP_STATUS:
-                raise ConfigurationError(f"{type(exc).__name__}: {exc}") from exc
+                raise setup_refused(code, f"{type(exc).__name__}: {exc}") from exc
             raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
         except (OSError, ValueError) as exc:
             # requests' ConnectionError/Timeout are OSErrors; a torn response is a ValueError.

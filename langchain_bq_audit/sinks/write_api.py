@@ -18,7 +18,13 @@ import time
 from typing import Any
 
 from .arrow import arrow_schema, encode
-from .base import ConfigurationError, PermanentError, RetryableError, TableMissingError
+from .base import (
+    ConfigurationError,
+    PermanentError,
+    RetryableError,
+    TableMissingError,
+    setup_refused,
+)
 
 _REQUEST_BYTES = 1_000_000  # Arrow bytes per request: a 5 MB batch is 5 requests in flight
 _MAX_REQUEST_BYTES = 8_000_000  # the API takes at most 10 MB per request, envelope included
@@ -195,7 +201,7 @@ def _failure(code: int | None, message: str) -> Exception:
     if code == _NOT_FOUND:
         return TableMissingError(message)
     if code in _SETUP_CODES:
-        return ConfigurationError(message)
+        return setup_refused(code, message)
     if code is None or code in _RETRYABLE_CODES:
         return RetryableError(message)
     return PermanentError(message)
