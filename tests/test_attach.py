@@ -254,7 +254,9 @@ def test_a_thousand_concurrent_async_calls_give_correct_rows_and_never_block_the
     print(f"\n{method}: worst loop stall {stall * 1000:.1f} ms with the audit handler, "
           f"{noop_stall * 1000:.1f} ms with a no-op handler")  # fmt: skip
     assert out == noop_out == ["answer"] * n
-    assert stall < 2.0  # generous: LangChain's own work for 1,000 tasks is in it too
+    # a blocking call would stall for a request timeout (10 s); LangChain's own work for
+    # 1,000 tasks is in both figures, and a busy neighbour can stretch either
+    assert stall < max(2.0, 5 * noop_stall)
     assert handler.flush(timeout=60)
 
     rows = read_rows("parent_run_id IS NULL")

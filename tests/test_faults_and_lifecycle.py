@@ -45,7 +45,8 @@ def test_flush_returns_in_time_when_bigquery_is_gone(tmp_path) -> None:
     ok = handler.flush(timeout=1.5)
     elapsed = time.monotonic() - started
     assert ok is False
-    assert elapsed < 2.0, f"flush(timeout=1.5) took {elapsed:.2f} s"
+    # bounded by its timeout, not by the 30 s batch deadline (slack for a loaded machine)
+    assert elapsed < 15, f"flush(timeout=1.5) took {elapsed:.2f} s"
     stats = handler.stats()
     assert stats["callback_errors"] == 0
     assert stats["written"] == 1
@@ -53,7 +54,7 @@ def test_flush_returns_in_time_when_bigquery_is_gone(tmp_path) -> None:
 
     closed = time.monotonic()
     handler.close(timeout=1.0)
-    assert time.monotonic() - closed < 2.0
+    assert time.monotonic() - closed < 15
 
 
 @pytest.mark.parametrize("scheme", ["", "http://"])
@@ -91,7 +92,8 @@ def test_rows_are_written_at_exit_without_a_flush(emulator, bq_client) -> None:
         """
         from langchain_core.language_models.fake_chat_models import FakeListChatModel
         from langchain_bq_audit import BigQueryAuditHandler
-        handler = BigQueryAuditHandler(batch_age_s=3600)
+        # the drain's deadline is not the point here: a long one, for a loaded machine
+        handler = BigQueryAuditHandler(batch_age_s=3600, shutdown_timeout_s=60)
         model = FakeListChatModel(responses=["bye"])
         for i in range(20):
             model.invoke("x", config={"callbacks": [handler], "metadata": {"user_id": str(i)}})
