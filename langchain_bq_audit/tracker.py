@@ -88,17 +88,17 @@ class RunTracker:
         so without this its row would wait `ttl_s`. A scan of the pending runs of one
         trace, on error ends only. An end that still comes later counts as unmatched."""
         trace = rec.trace_id
-        mine = [r for r in self.runs.copy().values() if r.trace_id == trace and r is not rec]
+        mine = [(k, r) for k, r in self.runs.copy().items() if r.trace_id == trace and r is not rec]
         ended = {rec.run_id}
         out: list[RunRecord] = []
         grew = True
         while grew:  # a grandchild's parent may come later in the list than the grandchild
             grew = False
-            for child in mine:
+            for key, child in mine:  # keyed as pending: run ids may repeat (add_repeat)
                 if child.parent_run_id in ended and child.run_id not in ended:
                     ended.add(child.run_id)
                     grew = True
-                    if self.runs.pop(child.run_id, None) is child:
+                    if self.runs.pop(key, None) is child:
                         child.status = "cancelled"
                         why = type(rec.error).__name__
                         child.error = RunNotEnded(f"no end: run {rec.run_id} above it ended "
