@@ -29,14 +29,55 @@ if TYPE_CHECKING:
 
 ENV_VAR = "LANGCHAIN_BQ_AUDIT"
 logger = logging.getLogger(__name__)
+#: Where a run's session and user are named, first present wins, in its metadata and then
+#: in its config's `configurable` (see `rows.resolve_session_user`).
+SESSION_KEYS = ("session_id", "thread_id", "conversation_id")
+USER_KEYS = ("user_id", "user")
+_CONFIG_MODULE = "langchain_core.runnables.config"
+_child_config: ContextVar[Any] | None = None
+
+
+def configured_identity() -> tuple[Any, Any] | None:
+    """(session, user) named in the `configurable` of the runnable config LangChain has set
+    for the runs being started (its `var_child_runnable_config`), or None.
+
+    Callbacks are not given the config: a run sees its parent's, which a nested run shares
+    (`RunnableWithMessageHistory` and LangGraph pass `configurable` down). Cheap: a few dict
+    lookups; langchain_core is not imported here (no runnable has run while it is not).
+    """
+    global _child_config
+    var = _child_config
+    if var is None:
+        module = sys.modules.get(_CONFIG_MODULE)
+        if module is None:
+            return None
+        var = _child_config = module.var_child_runnable_config
+    config = var.get()
+    if not config:
+        return None
+    configurable = config.get("configurable")
+    if not configurable:
+        return None
+    session = user = None
+    for key in SESSION_KEYS:
+        session = configurable.get(key)
+        if session is not None and session != "":
+            break
+    for key in USER_KEYS:
+        user = configurable.get(key)
+        if user is not None and user != "":
+            break
+    if session is None and user is None:
+        return None
+    return session, user
 
 
 @dataclass(frozen=True)
 class AuditContext:
     """Session, user, tags and metadata for the runs started inside an `audit_context`."""
 
-    session_id: str | None = None
-    user_id: str | None = None
+    session_id: str | int | None = None
+    user_id: str | int | None = None
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -48,15 +89,16 @@ current_context: ContextVar[AuditContext | None] = ContextVar(
 
 @contextlib.contextmanager
 def audit_context(
-    session_id: str | None = None,
-    user_id: str | None = None,
+    session_id: str | int | None = None,
+    user_id: str | int | None = None,
     tags: Sequence[str] | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> Iterator[AuditContext]:
     """Set session, user, tags and metadata for every run started inside the block.
 
-    Precedence for session and user: the run's own metadata, then the innermost
-    `audit_context`, then the handler's `session_id=` / `user_id=`. Tags add up and
+    Precedence for session and user: the run's own metadata, then its config's
+    `configurable`, then the innermost `audit_context`, then the handler's `session_id=` /
+    `user_id=`; ids given as ints are written as their digits. Tags add up and
     metadata merges (inner wins; the run's own metadata wins over both). Example::
 
         with audit_context(session_id="s-1", user_id="u-7"):

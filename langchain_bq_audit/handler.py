@@ -16,8 +16,8 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from .context import current_context
-from .records import RunRecord
+from .context import configured_identity, current_context
+from .records import RunRecord, is_graph_bubble_up
 from .settings import AuditSettings
 from .writer import get_writer
 
@@ -56,8 +56,8 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         location: str | None = None,
         client: Client | None = None,
         *,
-        session_id: str | None = None,
-        user_id: str | None = None,
+        session_id: str | int | None = None,
+        user_id: str | int | None = None,
         settings: AuditSettings | None = None,
         **options: Any,
     ) -> None:
@@ -109,6 +109,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         out.update(self._counts)
         out["pending_runs"] = len(self._runs)
         out["abandoned"] = self._tracker.abandoned
+        out["run_id_collisions"] = self._tracker.run_id_collisions
         return out
 
     # -- run tracking (hot path) --------------------------------------------------------------
@@ -129,7 +130,11 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         kwargs: dict[str, Any],
     ) -> None:
         runs = self._runs
-        if run_id in runs:  # another handler of this table saw it first: its row, not ours
+        seen = runs.get(run_id)
+        # The same start dispatched to another handler of this table (or to this one twice)
+        # carries the very same metadata object: that run is the first handler's row. A
+        # start with other metadata is another run that reuses the id (`repeat` below).
+        if seen is not None and seen.metadata is metadata:
             skipped = self._skipped
             if len(skipped) >= self._max_pending:  # ends that never come must not pile up
                 skipped.clear()
@@ -159,6 +164,17 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             kwargs.get("invocation_params"),
             time.time(),
         )
+        rec.thread = threading.get_ident()
+        configured = configured_identity()
+        if configured is not None:
+            rec.configured = configured
+            # A run's config reaches callbacks only through the runs inside it: the first
+            # one to see it tells its pending ancestors (a root sees no config of its own,
+            # nor does a LangGraph node). Later children stop at their informed parent.
+            parent = runs.get(parent_run_id) if parent_run_id is not None else None
+            while parent is not None and parent.configured is None:
+                parent.configured = configured
+                parent = runs.get(parent.parent_run_id) if parent.parent_run_id else None
         ctx = current_context.get()
         if ctx is None:
             rec.session_id = self._session_id
@@ -169,15 +185,21 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             rec.user_id = ctx.user_id or self._user_id
         rec.owner = self
         rec.settings = self.settings
-        runs[run_id] = rec
+        if seen is not None:  # a run id already pending: tracked as a run of its own
+            self._tracker.add_repeat(rec)
+        else:
+            runs[run_id] = rec
 
     def _end(self, run_id: UUID, outputs: Any, error: BaseException | None, kwargs: Any) -> None:
-        rec = self._runs.get(run_id)
+        key: Any = run_id
+        if self._tracker.repeats and run_id in self._tracker.repeats:
+            key = self._tracker.key_to_end(run_id, threading.get_ident())
+        rec = self._runs.get(key)
         if rec is None or rec.owner is not self:
             if self._skipped.pop(run_id, _MISSING) is _MISSING:
                 self._count("unmatched_ends")  # no start seen, a second end, or swept
             return  # else: the run is another handler's to end
-        if self._runs.pop(run_id, None) is None:  # swept as abandoned a moment ago
+        if self._runs.pop(key, None) is None:  # swept as abandoned a moment ago
             self._count("unmatched_ends")
             return
         rec.end_time = time.time()
@@ -188,9 +210,22 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         if error is not None:
             rec.status = "error"
             rec.error = error
+            if is_graph_bubble_up(error) and type(error).__name__ != "ParentCommand":
+                self._pause_graph(rec, error)
             for child in self._tracker.end_descendants(rec, rec.end_time):  # rare: errors only
                 self._submit(child)
         self._submit(rec)
+
+    def _pause_graph(self, rec: RunRecord, interrupt: BaseException) -> None:
+        """An interrupt pauses the whole graph, though LangGraph ends its root run as if it
+        had finished: mark the pending runs of the graph above `rec` (their metadata says
+        `ls_integration: langgraph`) so their rows say `interrupted` with its value."""
+        runs = self._runs
+        parent = runs.get(rec.parent_run_id) if rec.parent_run_id is not None else None
+        while parent is not None and (parent.metadata or {}).get("ls_integration") == "langgraph":
+            if parent.error is None:
+                parent.error = interrupt  # the status stays ok unless it fails itself
+            parent = runs.get(parent.parent_run_id) if parent.parent_run_id else None
 
     # -- LangChain callbacks ------------------------------------------------------------------
     # Every callback catches everything: an audit log must never break the audited app.

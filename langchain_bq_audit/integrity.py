@@ -7,8 +7,9 @@ one breaks its hash; rewriting the hash too breaks the next row's link. The chai
 changes, it does not prevent them: table IAM does that.
 
 The canonical form is computed from values that survive BigQuery's round trip: timestamps
-as microseconds, JSON columns parsed (integral floats as integers), NULLs and empty lists
-left out, so columns added to the table later do not change old rows' hashes.
+as microseconds, JSON columns parsed (integral floats as integers), ints in STRING columns
+as their digits, NULLs and empty lists (also a JSON column holding `[]` or `null`) left out,
+so columns added to the table later do not change old rows' hashes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .schema import COLUMNS, JSON_COLUMNS
 
 GENESIS = "0" * 64
 _TIMESTAMPS = frozenset(c.name for c in COLUMNS if c.type == "TIMESTAMP")
+_STRINGS = frozenset(c.name for c in COLUMNS if c.type == "STRING")
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _EXACT = 2**53
 
@@ -72,8 +74,12 @@ def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
             value = _micros(value)
         elif key in JSON_COLUMNS:
             value = _norm(value) if json_parsed else _DECODE(value)
+            if value is None or value == []:  # read back as NULL or not, both sides agree
+                continue
         elif type(value) is float:  # the only scalar _norm changes
             value = _norm(value)
+        elif type(value) is int and key in _STRINGS:  # BigQuery stores it as its digits
+            value = str(value)
         out[key] = value
     return _ENCODE(out).encode("utf-8", "surrogatepass")
 

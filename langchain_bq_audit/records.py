@@ -13,10 +13,20 @@ if TYPE_CHECKING:
     from .settings import AuditSettings
 
 
+def is_graph_bubble_up(error: BaseException) -> bool:
+    """True for LangGraph's control-flow exceptions (`GraphBubbleUp`: `GraphInterrupt`,
+    `ParentCommand`, ...), told by name so langgraph need not be imported."""
+    return any(
+        c.__name__ == "GraphBubbleUp" and c.__module__.startswith("langgraph")
+        for c in type(error).__mro__
+    )
+
+
 class RunRecord:
     """One run, filled in by start and end callbacks."""
 
     __slots__ = (
+        "configured",
         "context",
         "end_time",
         "error",
@@ -36,6 +46,7 @@ class RunRecord:
         "start_time",
         "status",
         "tags",
+        "thread",
         "trace_id",
         "user_id",
     )
@@ -71,9 +82,12 @@ class RunRecord:
         self.error: BaseException | None = None
         self.status = "ok"
         # Defaults from `audit_context` or the handler; metadata wins when rows are built.
-        self.session_id: str | None = None
-        self.user_id: str | None = None
+        self.session_id: str | int | None = None
+        self.user_id: str | int | None = None
         self.context: Any = None  # the `AuditContext` active at the run's start, if any
+        # (session, user) named by the `configurable` of the run's config, if any
+        self.configured: tuple[Any, Any] | None = None
+        self.thread = 0  # the thread that started it: pairs ends when run ids repeat
         self.owner: Any = None  # the handler that saw the start; only it ends the run
         # that handler's row options (capture mode, redactors, sizes...): rows are built
         # with these, by whichever writer, without reaching back into the handler

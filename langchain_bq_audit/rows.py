@@ -12,11 +12,17 @@ import datetime as _dt
 import itertools
 import json
 import math
+import operator
+import os
+import re
+import uuid
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from .records import RunRecord
+from .context import SESSION_KEYS, USER_KEYS
+from .records import RunRecord, is_graph_bubble_up
 from .redact import capture, redact_row
 from .schema import JSON_COLUMNS
 from .settings import AuditSettings
@@ -38,6 +44,44 @@ _CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
 _SCALARS = frozenset({type(None), bool, int, float})
 # One encoder, made once: `json.dumps` with options builds a new one on every call.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+# Content part types that carry media: they become a placeholder whatever they hold. Other
+# non-text parts (reasoning, thinking, tool_use, citations, ...) keep their text; media
+# values inside them are replaced one by one (`media_text`).
+MEDIA_PART_TYPES = frozenset(
+    {"image", "image_url", "input_image", "audio", "input_audio", "file", "input_file",
+     "video", "media"}
+)  # fmt: skip
+_MEDIA_MIN_CHARS = 1024  # a bare base64 blob shorter than this is kept as text
+_DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(?:;base64)?,", re.ASCII)
+_BASE64 = re.compile(r"[A-Za-z0-9+/_\-\r\n]+={0,2}")
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_\-]{1024}")
+_SNIFF_B64 = (("iVBORw0KGg", "image/png"), ("/9j/", "image/jpeg"), ("R0lGOD", "image/gif"),
+              ("UklGR", "image/webp"), ("JVBERi0", "application/pdf"))  # fmt: skip
+_SNIFF_BYTES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+                (b"RIFF", "image/webp"), (b"%PDF", "application/pdf"))  # fmt: skip
+
+
+def _new_event_prefix() -> str:
+    return str(uuid.uuid4())[:24]
+
+
+# Event ids: a random UUID4 head per process and a counter, so each row's id is unique
+# across processes and costs a string format, not a UUID (about 2 us a row).
+_event_prefix = _new_event_prefix()
+_event_count = itertools.count(1)
+
+
+def _after_fork() -> None:
+    global _event_prefix
+    _event_prefix = _new_event_prefix()  # a forked child must not repeat the parent's ids
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def new_event_id() -> str:
+    """A new row id, UUID4-shaped: its own for every row, even when run ids repeat."""
+    return f"{_event_prefix}{next(_event_count) & 0xFFFFFFFFFFFF:012x}"
 
 
 _last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
@@ -87,16 +131,28 @@ def to_jsonable(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> A
     """Any Python value -> something `json.dumps` accepts, without raising.
 
     Cycles and excessive depth become marker strings, secret-looking keys and `SecretStr`
-    values are removed, bytes become a size, unknown objects their repr.
+    values are removed, media (data URLs, base64 blobs, bytes) become a placeholder such as
+    `<image/png 40022 bytes>`, numbers stay numbers (numpy scalars and arrays, `Decimal`s a
+    double holds exactly; other `Decimal`s as their exact digits), unknown objects their repr.
     """
     kind = type(value)
-    if kind is str or value is None or kind is bool:
+    if kind is str:
+        if len(value) < _MEDIA_MIN_CHARS and not value.startswith("data:"):
+            return value
+        return media_text(value) or value
+    if value is None or kind is bool:
         return value
     if kind is int or isinstance(value, int):
         # BigQuery JSON keeps numbers exactly only within a double's 53 bits
-        return value if -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT else str(value)
+        return int(value) if -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT else str(value)
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        return float(value) if math.isfinite(value) else str(value)
+    if isinstance(value, str):  # a subclass (an enum, numpy's str_): its plain text
+        return to_jsonable(str.__str__(value))
+    if kind.__module__ == "numpy":  # only then: numpy stays optional
+        return to_jsonable(_from_numpy(value), _depth, _seen)
+    if kind is Decimal:
+        return _decimal(value)
     if _depth >= _MAX_DEPTH:
         return "<max depth>"
     seen = set() if _seen is None else _seen
@@ -130,7 +186,9 @@ def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
     if isinstance(value, UUID):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return f"<{len(value)} bytes>"
+        head = bytes(value[:4])
+        mime = next((m for magic, m in _SNIFF_BYTES if head.startswith(magic)), "")
+        return _placeholder(mime, len(value))
     if type(value).__name__ in ("SecretStr", "SecretBytes"):
         return "<removed>"
     if _is_message(value):
@@ -151,6 +209,50 @@ def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
     except Exception:
         return f"<unrepresentable {type(value).__name__}>"
     return text if len(text) <= 1000 else text[:1000] + "…"
+
+
+def _from_numpy(value: Any) -> Any:
+    """A numpy scalar or array as Python numbers and lists (float32/16 at their shortest
+    decimal, `0.87` rather than `0.8700000047683716`)."""
+    ndim = getattr(value, "ndim", None)
+    if not ndim:  # a scalar or a 0-d array
+        item = value.item() if callable(getattr(value, "item", None)) else value
+        dtype = getattr(value, "dtype", None)
+        if isinstance(item, float) and dtype is not None and dtype.itemsize < 8:
+            return float(str(value))
+        return item
+    if value.dtype.kind == "f" and value.dtype.itemsize < 8:
+        return [_from_numpy(v) for v in value[: _MAX_ITEMS + 1]]
+    return value[: _MAX_ITEMS + 1].tolist()  # one more than kept: the cut says how many
+
+
+def _decimal(value: Decimal) -> Any:
+    """A JSON number when a double holds it exactly (`19.90` -> 19.9), else its exact digits."""
+    if value.is_finite():
+        number = float(value)
+        if Decimal(repr(number)) == value:
+            return number
+    return str(value)
+
+
+def _placeholder(mime: str, size: int) -> str:
+    return f"<{mime} {size} bytes>" if mime else f"<{size} bytes>"
+
+
+def media_text(value: str) -> str | None:
+    """The placeholder of a data URL or a base64 blob (`<image/png 40022 bytes>`, the size
+    being the characters it held), or None when `value` is text."""
+    if value.startswith("data:"):
+        match = _DATA_URL.match(value)
+        if match:
+            return _placeholder(match.group(1) or "", len(value))
+    if len(value) < _MEDIA_MIN_CHARS:
+        return None
+    mime = next((m for head, m in _SNIFF_B64 if value.startswith(head)), "")
+    # base64 of binary data uses most of its alphabet: a long run of one letter is text
+    if (mime or len(set(value[:256])) >= 20) and _BASE64.fullmatch(value):
+        return _placeholder(mime, len(value))
+    return None
 
 
 def dumps(value: Any) -> str:
@@ -196,12 +298,13 @@ def _part_placeholder(part: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def content_parts(content: Any) -> Any:
-    """Message content with every non-text part replaced by its placeholder."""
+    """Message content with every media part (`MEDIA_PART_TYPES`) replaced by its
+    placeholder; other parts are kept (their media values are replaced by `to_jsonable`)."""
     if not isinstance(content, list):
         return content
     out: list[Any] = []
     for part in content:
-        if isinstance(part, Mapping) and part.get("type", "text") != "text":
+        if isinstance(part, Mapping) and part.get("type") in MEDIA_PART_TYPES:
             out.append(_part_placeholder(part))
         else:
             out.append(part)
@@ -211,15 +314,15 @@ def content_parts(content: Any) -> Any:
 def content_text(content: Any) -> str:
     """Message content (a string or a list of parts) as plain text; media as `[image]`."""
     if isinstance(content, str):
-        return content
+        return text_value(content)
     if isinstance(content, list):
         parts = []
         for part in content:
             if isinstance(part, str):
-                parts.append(part)
+                parts.append(text_value(part))
             elif isinstance(part, Mapping):
                 if part.get("type", "text") == "text" and "text" in part:
-                    parts.append(str(part["text"]))
+                    parts.append(text_value(str(part["text"])))
                 else:
                     parts.append(f"[{part.get('type', 'part')}]")
             else:
@@ -278,12 +381,27 @@ def _tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": call.get("name"), "args": call.get("args"), "id": call.get("id")}
 
 
+def text_value(text: str) -> str:
+    """`text`, or its placeholder when it is media (a data URL or a base64 blob)."""
+    if len(text) < _MEDIA_MIN_CHARS and not text.startswith("data:"):
+        return text
+    return media_text(text) or text
+
+
+def json_text(value: Any) -> str:
+    """Compact JSON of any value with media replaced by placeholders; never raises."""
+    text = dumps(value)  # the fast path: most values hold no media
+    if len(text) > 64 and ("data:" in text or _BASE64_RUN.search(text)):
+        text = dumps(to_jsonable(value))
+    return text
+
+
 def render(value: Any) -> str:
     """A chain, tool or retriever input or output as readable text."""
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return text_value(value)
     if _is_message(value):
         return content_text(value.content)
     if isinstance(value, Mapping):
@@ -291,9 +409,12 @@ def render(value: Any) -> str:
             only = next(iter(value.values()))
             if isinstance(only, str) or _is_message(only):
                 return render(only)
-        return dumps(value)
+        return json_text(value)
     if isinstance(value, (list, tuple)) and value and all(_is_message(v) for v in value):
         return messages_text(value)
+    messages = getattr(value, "messages", None)  # a ChatPromptValue: lines like a model's
+    if isinstance(messages, list) and messages and all(_is_message(v) for v in messages):
+        return messages_text(messages)
     to_string = getattr(value, "to_string", None)  # a PromptValue
     if callable(to_string):
         try:
@@ -302,20 +423,31 @@ def render(value: Any) -> str:
             pass
     page_content = getattr(value, "page_content", None)  # a Document
     if isinstance(page_content, str):
-        return page_content
-    return dumps(value)
+        return text_value(page_content)
+    return json_text(value)
 
 
 # -- token usage ------------------------------------------------------------------------------
 
 
 def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and math.isfinite(value):
         return int(value)
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else None
+    try:
+        return operator.index(value)  # numpy integers
+    except TypeError:
+        return None
+
+
+def _present(*values: Any) -> Any:
+    """The first value that is not None: a count of 0 is a count."""
+    for value in values:
+        if value is not None:
+            return value
     return None
 
 
@@ -330,29 +462,36 @@ def _get(mapping: Any, *path: str) -> Any:
 def _usage_from_mapping(usage: Mapping[str, Any]) -> dict[str, int | None] | None:
     """One usage dict of any known provider shape -> our five counts, or None."""
     prompt = _int(
-        usage.get("input_tokens", usage.get("prompt_tokens", usage.get("prompt_token_count")))
-    )
-    completion = _int(
-        usage.get(
-            "output_tokens",
-            usage.get("completion_tokens", usage.get("candidates_token_count")),
+        _present(
+            usage.get("input_tokens"), usage.get("prompt_tokens"), usage.get("prompt_token_count")
         )
     )
-    total = _int(usage.get("total_tokens", usage.get("total_token_count")))
+    completion = _int(
+        _present(
+            usage.get("output_tokens"),
+            usage.get("completion_tokens"),
+            usage.get("candidates_token_count"),
+        )
+    )
+    total = _int(_present(usage.get("total_tokens"), usage.get("total_token_count")))
     if prompt is None and completion is None and total is None:
         return None
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
     cache_read = _int(
-        _get(usage, "input_token_details", "cache_read")  # LangChain UsageMetadata
-        or _get(usage, "prompt_tokens_details", "cached_tokens")  # OpenAI
-        or usage.get("cache_read_input_tokens")  # Anthropic
-        or usage.get("cached_content_token_count")  # Gemini
+        _present(
+            _get(usage, "input_token_details", "cache_read"),  # LangChain UsageMetadata
+            _get(usage, "prompt_tokens_details", "cached_tokens"),  # OpenAI
+            usage.get("cache_read_input_tokens"),  # Anthropic
+            usage.get("cached_content_token_count"),  # Gemini
+        )
     )
     reasoning = _int(
-        _get(usage, "output_token_details", "reasoning")
-        or _get(usage, "completion_tokens_details", "reasoning_tokens")
-        or usage.get("thoughts_token_count")
+        _present(
+            _get(usage, "output_token_details", "reasoning"),
+            _get(usage, "completion_tokens_details", "reasoning_tokens"),
+            usage.get("thoughts_token_count"),
+        )
     )
     return {
         "prompt_tokens": prompt,
@@ -449,7 +588,7 @@ def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
         row["input_text"] = messages_text(first)
         row["input_messages"] = dumps(to_jsonable([message_dict(m) for m in first]))
     else:
-        row["input_text"] = "\n\n".join(str(p) for p in (rec.inputs or []))
+        row["input_text"] = "\n\n".join(text_value(str(p)) for p in (rec.inputs or []))
 
     if gen is not None:
         gens = response.generations[0]
@@ -471,27 +610,46 @@ def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
 # -- the row ----------------------------------------------------------------------------------
 
 
+def ident_text(value: Any) -> str | None:
+    """A session or user id as the text the row holds: ints (and numpy ints, UUIDs) become
+    their digits once, here, before `user_id_key` hashes them; None and "" are no id."""
+    if value is None or type(value) is str:
+        return clean_text(value) if value else None
+    if type(value).__module__ == "numpy":
+        value = _from_numpy(value)
+    text = str(value)
+    return clean_text(text) if text else None
+
+
+def _first_key(mapping: Mapping[str, Any], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        text = ident_text(mapping.get(key))
+        if text is not None:
+            return text
+    return None
+
+
 def resolve_session_user(
-    metadata: Mapping[str, Any] | None, session_default: str | None, user_default: str | None
+    metadata: Mapping[str, Any] | None,
+    session_default: Any,
+    user_default: Any,
+    configured: tuple[Any, Any] | None = None,
 ) -> tuple[str | None, str | None]:
     """Session and user of a run. Precedence, first present wins:
 
-    session: metadata `session_id`, `thread_id` (LangGraph), `conversation_id`, the default;
-    user: metadata `user_id`, `user`, the default.
+    session: metadata `session_id`, `thread_id` (LangGraph), `conversation_id`; then the
+    same keys of the run's `configurable` (`configured`, as `context.configured_identity`
+    found them); then the default (`audit_context`, else the handler's);
+    user: metadata `user_id`, `user`; then `configurable`'s; then the default.
     """
-    session: Any = None
-    user: Any = None
+    session = user = None
     if metadata:
-        session = (
-            metadata.get("session_id")
-            or metadata.get("thread_id")
-            or metadata.get("conversation_id")
-        )
-        user = metadata.get("user_id") or metadata.get("user")
-    return (
-        clean_text(str(session)) if session else session_default,
-        clean_text(str(user)) if user else user_default,
-    )
+        session = _first_key(metadata, SESSION_KEYS)
+        user = _first_key(metadata, USER_KEYS)
+    if configured is not None:
+        session = session or ident_text(configured[0])
+        user = user or ident_text(configured[1])
+    return session or ident_text(session_default), user or ident_text(user_default)
 
 
 def _name(rec: RunRecord) -> str | None:
@@ -507,10 +665,62 @@ def _name(rec: RunRecord) -> str | None:
 
 
 def run_status(rec: RunRecord) -> str:
-    """The row's `status`: a run that ended in a cancellation says `cancelled`."""
-    if rec.status == "error" and isinstance(rec.error, _CANCELLED):
-        return "cancelled"
+    """The row's `status`, from the callback that ended the run and from what it returned.
+
+    `interrupted`: LangGraph's control flow (`GraphInterrupt` for `interrupt()`,
+    `ParentCommand` for a hand-off, ...: the `GraphBubbleUp` family), raised by the run or,
+    for an interrupt, by a run inside the graph; `cancelled`: a cancellation or a closed
+    stream; `error`: an exception, or an error returned as a value (`returned_error`).
+    """
+    error = rec.error
+    if error is not None:
+        if is_graph_bubble_up(error):
+            return "interrupted"
+        if rec.status == "error" and isinstance(error, _CANCELLED):
+            return "cancelled"
+    elif rec.status == "ok" and returned_error(rec.outputs) is not None:
+        return "error"
     return rec.status
+
+
+def _is_error_tool_message(value: Any) -> bool:
+    return getattr(value, "type", None) == "tool" and getattr(value, "status", None) == "error"
+
+
+def returned_error(value: Any) -> tuple[str, str] | None:
+    """`(error_type, error_message)` of an error a run returned instead of raising, or None.
+
+    - a `ToolMessage(status="error")`: what a tool with `handle_tool_error` or
+      `handle_validation_error` returns for a tool call; also a list of them, and LangGraph
+      `ToolNode`'s `{"messages": [...]}` when every message is one. The type is
+      `ToolMessage`: the exception itself never reaches callbacks;
+    - an exception object returned as the output.
+    """
+    if value is None or type(value) in _SCALARS or type(value) is str:
+        return None
+    if isinstance(value, BaseException):
+        return type(value).__name__, error_text(value)
+    if isinstance(value, Mapping):
+        if len(value) != 1 or "messages" not in value:
+            return None
+        value = value["messages"]
+    if _is_error_tool_message(value):
+        return "ToolMessage", content_text(value.content)
+    if isinstance(value, (list, tuple)) and value and all(map(_is_error_tool_message, value)):
+        return "ToolMessage", "\n".join(content_text(m.content) for m in value)
+    return None
+
+
+def error_text(error: BaseException) -> str:
+    """The row's `error_message` for an exception: its message; for LangGraph's control
+    flow, the interrupt's value as JSON (a list when several interrupts), or the command's."""
+    if is_graph_bubble_up(error):
+        arg: Any = error.args[0] if len(error.args) == 1 else list(error.args)
+        if isinstance(arg, (list, tuple)) and arg and all(hasattr(i, "value") for i in arg):
+            values = [i.value for i in arg]  # Interrupt(value=..., id=...)
+            arg = values[0] if len(values) == 1 else values
+        return dumps(to_jsonable(arg))
+    return str(error) or type(error).__name__
 
 
 def _metadata(rec: RunRecord) -> Mapping[str, Any] | None:
@@ -541,7 +751,9 @@ def _id(value: UUID) -> str:
 
 def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     end = rec.end_time if rec.end_time is not None else rec.start_time
-    session, user = resolve_session_user(_metadata(rec), rec.session_id, rec.user_id)
+    session, user = resolve_session_user(
+        _metadata(rec), rec.session_id, rec.user_id, rec.configured
+    )
     run_id = str(rec.run_id)
     return {
         "timestamp": iso(end),
@@ -549,7 +761,7 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         "output_text": "",
         "user_id": user,
         "session_id": session,
-        "event_id": run_id,
+        "event_id": new_event_id(),
         "run_id": run_id,
         "parent_run_id": _id(rec.parent_run_id) if rec.parent_run_id else None,
         "trace_id": run_id if rec.trace_id == rec.run_id else _id(rec.trace_id),
@@ -571,6 +783,7 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     metadata = _metadata(rec)
     if metadata:
         row["metadata"] = dumps(to_jsonable(metadata))
+    status = row["status"]
     if rec.run_type in ("llm", "chat_model"):
         _model_row(rec, row)
     elif rec.run_type == "retriever":
@@ -585,9 +798,11 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         row["output_text"] = render(getattr(rec.outputs, "content", rec.outputs))
     if rec.error is not None:
         row["error_type"] = type(rec.error).__name__
-        row["error_message"] = str(rec.error) or type(rec.error).__name__
-        if row["status"] == "error":  # a cancelled run keeps what it produced so far
-            row["output_text"] = ""
+        row["error_message"] = error_text(rec.error)
+    elif status == "error" and (returned := returned_error(rec.outputs)) is not None:
+        row["error_type"], row["error_message"] = returned
+    if status == "error":  # a cancelled or interrupted run keeps what it produced so far
+        row["output_text"] = ""
     return row
 
 
@@ -643,7 +858,7 @@ def _minimal_row(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
             "timestamp": iso(rec.end_time or rec.start_time),
             "input_text": "",
             "output_text": "",
-            "event_id": str(rec.run_id),
+            "event_id": new_event_id(),
             "run_id": str(rec.run_id),
             "run_type": str(rec.run_type),
             "status": str(rec.status),

@@ -7,9 +7,14 @@ leave it alone. Plain dict operations only, atomic under the GIL: no lock on the
 
 from __future__ import annotations
 
+import threading
 from uuid import UUID
 
 from .records import RunRecord
+
+#: A pending run's key: its run id, or (run id, n) for a run started while another run with
+#: the same id was pending (see `RunTracker.add_repeat`).
+RunKey = UUID | tuple[UUID, int]
 
 
 class RunNotEnded(Exception):
@@ -19,13 +24,48 @@ class RunNotEnded(Exception):
 class RunTracker:
     """Pending runs keyed by run id, bounded, with a sweep for runs that never end."""
 
-    __slots__ = ("abandoned", "max_pending", "runs", "ttl_s")
+    __slots__ = ("_lock", "abandoned", "max_pending", "repeats", "run_id_collisions", "runs",
+                 "ttl_s")  # fmt: skip
 
     def __init__(self, max_pending: int, ttl_s: float) -> None:
-        self.runs: dict[UUID, RunRecord] = {}
+        self.runs: dict[RunKey, RunRecord] = {}
         self.max_pending = max_pending
         self.ttl_s = ttl_s
         self.abandoned = 0
+        # Run ids that more than one pending run has, with the extra runs' keys. Rare (a
+        # caller reusing `config={"run_id": ...}`), so it has a lock of its own.
+        self.repeats: dict[UUID, list[tuple[UUID, int]]] = {}
+        self.run_id_collisions = 0
+        self._lock = threading.Lock()
+
+    def add_repeat(self, rec: RunRecord) -> None:
+        """Track `rec`, whose run id another pending run has, as a run of its own."""
+        with self._lock:
+            self.run_id_collisions += 1
+            key = (rec.run_id, self.run_id_collisions)
+            self.repeats.setdefault(rec.run_id, []).append(key)
+            self.runs[key] = rec
+
+    def key_to_end(self, run_id: UUID, thread: int) -> RunKey:
+        """The key of the pending run an end for `run_id` closes, when several runs have that
+        id: the oldest started in the calling thread, else the oldest."""
+        with self._lock:
+            keys = self.repeats.get(run_id)
+            if not keys:
+                return run_id
+            live = [k for k in keys if k in self.runs]
+            candidates: list[RunKey] = [run_id] if run_id in self.runs else []
+            candidates += live
+            if not candidates:
+                return run_id
+            key = next((k for k in candidates if self.runs[k].thread == thread), candidates[0])
+            if key != run_id:
+                live.remove(key)  # type: ignore[arg-type]
+            if live:
+                self.repeats[run_id] = live
+            else:
+                del self.repeats[run_id]
+            return key
 
     def sweep(self, now: float) -> list[RunRecord]:
         """Runs started more than `ttl_s` ago and never ended, marked `abandoned`.
@@ -34,8 +74,8 @@ class RunTracker:
         """
         cutoff = now - self.ttl_s
         out = []
-        for run_id, rec in self.runs.copy().items():  # dict.copy is atomic under the GIL
-            if rec.start_time < cutoff and self.runs.pop(run_id, None) is rec:
+        for key, rec in self.runs.copy().items():  # dict.copy is atomic under the GIL
+            if rec.start_time < cutoff and self.runs.pop(key, None) is rec:
                 rec.status = "abandoned"
                 rec.end_time = now
                 out.append(rec)
@@ -48,17 +88,17 @@ class RunTracker:
         so without this its row would wait `ttl_s`. A scan of the pending runs of one
         trace, on error ends only. An end that still comes later counts as unmatched."""
         trace = rec.trace_id
-        mine = [r for r in self.runs.copy().values() if r.trace_id == trace and r is not rec]
+        mine = [(k, r) for k, r in self.runs.copy().items() if r.trace_id == trace and r is not rec]
         ended = {rec.run_id}
         out: list[RunRecord] = []
         grew = True
         while grew:  # a grandchild's parent may come later in the list than the grandchild
             grew = False
-            for child in mine:
+            for key, child in mine:  # keyed as pending: run ids may repeat (add_repeat)
                 if child.parent_run_id in ended and child.run_id not in ended:
                     ended.add(child.run_id)
                     grew = True
-                    if self.runs.pop(child.run_id, None) is child:
+                    if self.runs.pop(key, None) is child:
                         child.status = "cancelled"
                         why = type(rec.error).__name__
                         child.error = RunNotEnded(f"no end: run {rec.run_id} above it ended "
@@ -82,3 +122,4 @@ class RunTracker:
     def forget(self) -> None:
         """In a forked child: runs in flight at the fork are the parent's to end."""
         self.runs.clear()
+        self.repeats.clear()

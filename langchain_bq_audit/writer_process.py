@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 from uuid import UUID
 
 from .records import RunRecord
-from .rows import run_status, to_jsonable
+from .rows import error_text, run_status, to_jsonable
 from .settings import AuditSettings
 from .tracker import RunTracker
 from .writer import COUNTERS, SETTLED, RunQueue, Writer, get_writer
@@ -133,7 +133,7 @@ class _Pickler(pickle.Pickler):
         if kind is RunRecord:
             return _reduce_record(obj)
         if isinstance(obj, BaseException):  # many cannot be rebuilt from their args
-            return _error, (kind.__name__, str(obj) or kind.__name__)
+            return _error, (kind.__name__, error_text(obj))
         if kind.__module__ == "__main__":  # a script's or notebook's class: not importable
             return _same, (to_jsonable(obj),)
         return NotImplemented

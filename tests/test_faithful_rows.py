@@ -330,7 +330,7 @@ def test_cancelled_astream_gives_cancelled_rows(make_handler, read_rows) -> None
     assert {r["status"] for r in rows if r["name"] != "ChatPromptTemplate"} == {"cancelled"}
     model_row = one(rows, run_type="chat_model")
     assert model_row["error_type"] == "CancelledError"
-    assert model_row["output_text"].startswith(partial[:3])  # what the user saw so far
+    assert model_row["output_text"] == partial  # exactly what the user saw so far
 
 
 def test_runs_without_an_end_are_swept_as_abandoned(make_handler, read_rows) -> None:
@@ -356,7 +356,10 @@ def test_runs_without_an_end_are_swept_as_abandoned(make_handler, read_rows) -> 
 
     release.set()
     worker.join()
-    assert handler.stats()["unmatched_ends"] == 1  # the late end is counted, not written twice
+    assert handler.flush(timeout=20)  # anything the late end had submitted is written now
+    stats = handler.stats()
+    assert stats["unmatched_ends"] == 1  # the late end is counted, not written twice
+    assert stats["accepted"] == stats["written"] == 1
     assert len(read_rows()) == 1
 
 
@@ -422,7 +425,7 @@ def test_strange_values_give_valid_rows(make_handler, read_rows) -> None:
     meta = row["metadata"]["weird"]
     assert meta["when"] == "2026-01-02T03:04:05+00:00"
     assert meta["id"] == str(uuid.UUID(int=7))
-    assert meta["price"] == "Decimal('1.10')"
+    assert meta["price"] == 1.1
     assert meta["raw"] == "<2 bytes>"
     assert meta["model"] == {"x": 1, "y": 2.5}
     assert meta["box"]["items"][0] == 1

@@ -1,0 +1,180 @@
+"""Row building without BigQuery: values, media, outcome, identity, the canonical form."""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import json
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, LLMResult
+from langgraph.errors import GraphInterrupt, ParentCommand
+from langgraph.types import Command, Interrupt
+
+from langchain_bq_audit.integrity import canonical
+from langchain_bq_audit.records import RunRecord
+from langchain_bq_audit.rows import (
+    build_row,
+    content_parts,
+    ident_text,
+    media_text,
+    new_event_id,
+    render,
+    resolve_session_user,
+    returned_error,
+    run_status,
+    to_jsonable,
+    token_usage,
+)
+from langchain_bq_audit.tracker import RunTracker
+
+BLOB = base64.b64encode(b"\x89PNG\r\n\x1a\n" + os.urandom(1000)).decode()
+
+
+def record(outputs: Any = None, error: BaseException | None = None) -> RunRecord:
+    rec = RunRecord("chain", uuid.uuid4(), None, uuid.uuid4(), None, {"q": "x"}, "c", None,
+                    None, None, 1.0)  # fmt: skip
+    rec.end_time, rec.outputs = 2.0, outputs
+    if error is not None:
+        rec.status, rec.error = "error", error
+    return rec
+
+
+def test_numbers_keep_their_type() -> None:
+    value = {
+        "f32": np.float32(0.87), "i64": np.int64(-3), "b": np.bool_(False), "zero_d": np.array(4),
+        "arr": np.arange(3, dtype=np.int32), "f16": np.array([0.1, 1.5], dtype=np.float16),
+        "dec": decimal.Decimal("19.90"), "wide": decimal.Decimal("1.00000000000000000001"),
+        "nan": decimal.Decimal("NaN"), "big": 2**60, "s": np.str_("t"),
+    }  # fmt: skip
+    expected = {
+        "f32": 0.87, "i64": -3, "b": False, "zero_d": 4, "arr": [0, 1, 2], "f16": [0.1, 1.5],
+        "dec": 19.9, "wide": "1.00000000000000000001", "nan": "NaN", "big": str(2**60), "s": "t",
+    }  # fmt: skip
+    assert json.dumps(to_jsonable(value)) == json.dumps(expected)
+
+
+def test_numpy_is_not_imported_for_values_that_do_not_come_from_it() -> None:
+    code = (
+        "import sys, decimal; from langchain_bq_audit.rows import to_jsonable;"
+        "to_jsonable({'a': decimal.Decimal('1.5'), 'b': [1.0, 'x' * 5000], 'c': b'xy'});"
+        "print('numpy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("text", "placeholder"),
+    [
+        ("data:image/png;base64,iVBORw0", "<image/png 29 bytes>"),
+        ("data:,hello", "<11 bytes>"),
+        (BLOB, f"<image/png {len(BLOB)} bytes>"),
+        (base64.b64encode(os.urandom(900)).decode(), "<1200 bytes>"),
+        ("x" * 5000, None),  # one letter over and over is text
+        ('data: {"event": 1}', None),  # a server-sent event line, not a data URL
+        ("word " * 400, None),
+        (base64.b64encode(os.urandom(600)).decode(), None),  # under 1,024 characters
+    ],
+)
+def test_media_is_told_by_what_it_holds(text: str, placeholder: str | None) -> None:
+    assert media_text(text) == placeholder
+
+
+def test_media_placeholders_are_the_same_in_text_json_and_parts() -> None:
+    url = f"data:image/png;base64,{BLOB}"
+    expected = f"<image/png {len(url)} bytes>"
+    assert render(url) == render({"image": url}) == expected
+    assert render({"image": url, "n": 1}) == json.dumps({"image": expected, "n": 1},
+                                                         separators=(",", ":"))  # fmt: skip
+    assert to_jsonable(b"\x89PNG" + b"0" * 96) == "<image/png 100 bytes>"
+    thinking = {"type": "thinking", "thinking": "t" * 3000}
+    image = {"type": "image_url", "image_url": {"url": url}}
+    assert content_parts([thinking, image]) == [
+        thinking, {"type": "image_url", "mime_type": "image/png", "bytes": len(url)}]  # fmt: skip
+
+
+def test_errors_returned_as_values() -> None:
+    failed = ToolMessage("order A-1 not found", tool_call_id="c", status="error")
+    fine = ToolMessage("found", tool_call_id="c")
+    assert returned_error(failed) == ("ToolMessage", "order A-1 not found")
+    assert returned_error({"messages": [failed, failed]}) == (
+        "ToolMessage", "order A-1 not found\norder A-1 not found")  # fmt: skip
+    assert returned_error({"messages": [failed, fine]}) is None  # one call went through
+    assert returned_error(ValueError("bad")) == ("ValueError", "bad")
+    assert returned_error({"a": 1}) is returned_error("x") is returned_error(fine) is None
+    assert run_status(record(failed)) == "error"
+    row = build_row(record(failed))
+    assert (row["status"], row["error_type"], row["error_message"], row["output_text"]) == (
+        "error", "ToolMessage", "order A-1 not found", "")  # fmt: skip
+
+
+def test_langgraph_control_flow_is_interrupted_with_its_value() -> None:
+    paused = GraphInterrupt([Interrupt(value={"question": "ok?"}, id="i1")])
+    row = build_row(record(error=paused))
+    assert (row["status"], row["error_type"], row["error_message"]) == (
+        "interrupted", "GraphInterrupt", '{"question":"ok?"}')  # fmt: skip
+    two = GraphInterrupt([Interrupt(value="a", id="1"), Interrupt(value=2, id="2")])
+    assert build_row(record(error=two))["error_message"] == '["a",2]'
+    handoff = build_row(record(error=ParentCommand(Command(goto="billing"))))
+    assert (handoff["status"], handoff["error_type"]) == ("interrupted", "ParentCommand")
+    assert json.loads(handoff["error_message"])["goto"] == "billing"
+
+
+def test_session_and_user_precedence_and_ids_as_text() -> None:
+    assert resolve_session_user({"thread_id": "t"}, "ctx", "u", ("conf", 5)) == ("t", "5")
+    assert resolve_session_user({}, "ctx", 12345, ("conf", None)) == ("conf", "12345")
+    assert resolve_session_user(None, 7, None, None) == ("7", None)
+    assert resolve_session_user({"session_id": "", "user_id": 0}, None, None) == (None, "0")
+    assert ident_text(np.int64(9)) == "9" and ident_text(uuid.UUID(int=1)) == str(uuid.UUID(int=1))
+
+
+def test_usage_zeros_are_counts() -> None:
+    usage = {
+        "input_tokens": 0,
+        "output_tokens": np.int64(0),
+        "total_tokens": 0,
+        "input_token_details": {"cache_read": 0},
+        "output_token_details": {"reasoning": 0},
+    }
+    result = LLMResult(generations=[[ChatGeneration(message=AIMessage("", usage_metadata=usage))]])
+    counts, source = token_usage(result, streamed=False)
+    assert source == "provider" and counts == dict.fromkeys(
+        ("prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
+         "reasoning_tokens"), 0)  # fmt: skip
+
+
+def test_event_ids_are_unique_uuid4s() -> None:
+    ids = {new_event_id() for _ in range(1000)}
+    assert len(ids) == 1000 and {uuid.UUID(i).version for i in ids} == {4}
+
+
+def test_canonical_form_matches_what_bigquery_gives_back() -> None:
+    written = {"timestamp": "2026-01-01T00:00:00.000000+00:00", "user_id": 12345,
+               "input_messages": "[]", "metadata": '{"a":1.0,"b":[]}', "tool_calls": "null",
+               "tags": [], "latency_ms": 2.0, "session_id": None}  # fmt: skip
+    read_back = {"timestamp": "2026-01-01T00:00:00+00:00", "user_id": "12345",
+                 "input_messages": None, "metadata": {"a": 1, "b": []}, "tool_calls": None,
+                 "tags": [], "latency_ms": 2.0}  # fmt: skip
+    assert canonical(written) == canonical(read_back, json_parsed=True)
+
+
+def test_repeated_run_ids_pair_ends_by_thread() -> None:
+    tracker = RunTracker(100, 60)
+    run_id = uuid.uuid4()
+    first, second = record(), record()
+    first.run_id = second.run_id = run_id
+    first.thread, second.thread = 1, 2
+    tracker.runs[run_id] = first
+    tracker.add_repeat(second)
+    assert tracker.run_id_collisions == 1 and len(tracker.runs) == 2
+    key = tracker.key_to_end(run_id, thread=2)
+    assert tracker.runs.pop(key) is second
+    assert tracker.key_to_end(run_id, thread=2) == run_id and not tracker.repeats
