@@ -180,10 +180,11 @@ def test_a_run_that_cannot_be_built_whole_still_leaves_a_row(tmp_path) -> None:
     stats = quiet(writer)
     # nothing vanishes, and the rows beside a bad one are untouched
     assert (stats["accepted"], stats["written"], stats["dropped"]) == (5, 5, 0)
-    assert "could not render this run" in sink.rows[str(odd_time.run_id)]["error_message"]
-    assert sink.rows[str(int_user.run_id)]["user_id"] != "12345"  # never in clear
+    by_run = {r["run_id"]: r for r in sink.rows.values()}
+    assert "could not render this run" in by_run[str(odd_time.run_id)]["error_message"]
+    assert by_run[str(int_user.run_id)]["user_id"] != "12345"  # never in clear
     for rec in fine:
-        assert sink.rows[str(rec.run_id)]["output_text"] == "y"
+        assert by_run[str(rec.run_id)]["output_text"] == "y"
     writer.close()
 
 
