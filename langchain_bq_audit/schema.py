@@ -89,7 +89,7 @@ DIGEST_COLUMNS: tuple[Column, ...] = (
     _c("digest_seq", "INT64", _R, "digest", "Position of the digest among its chain's, from 1."),
     _c("first_seq", "INT64", _R, "digest", "First seq of the rows this digest covers."),
     _c("last_seq", "INT64", _R, "digest", "Last seq of the rows this digest covers."),
-    _c("row_count", "INT64", _R, "digest", "Rows covered: last_seq - first_seq + 1."),
+    _c("row_count", "INT64", _R, "digest", "Rows first covered here (0: a closing re-sign)."),
     _c("last_row_hash", "STRING", _R, "digest", "row_hash of the row at last_seq."),
     _c("closed", "BOOL", _R, "digest", "True when written at close: no later row was written."),
     _c("key_id", "STRING", _R, "digest", "Key that signed: SHA-256 of its public key, 16 hex."),

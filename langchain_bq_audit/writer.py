@@ -208,7 +208,9 @@ class Writer(RunQueue):
         # digests.py: signed digests of that chain (None without a digest key)
         from .digests import Digester
 
-        self._digests = Digester.for_writer(self.settings, self._client)
+        self._digests = Digester.for_writer(
+            self.settings, None if self._own_client else self._client
+        )
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
         self.last_write_time: float | None = None

@@ -70,7 +70,9 @@ def test_component_defaults_keep_data_forever_and_protect_the_table(mocks: Recor
     assert outputs["full_table_id"] == "provider-project.language_model_logging.inference_logs"
     (dataset,) = mocks.of_type("gcp:bigquery/dataset:Dataset")
     assert dataset.get("defaultPartitionExpirationMs") is None
-    table = next(t for t in mocks.of_type("gcp:bigquery/table:Table") if "schema" in t)
+    table = next(
+        t for t in mocks.of_type("gcp:bigquery/table:Table") if t["tableId"] == "inference_logs"
+    )
     assert pulumi_table_definition(table) == schema.table_definition()
     assert table["deletionProtection"] is True
     assert not mocks.of_type("gcp:bigquery/iamMember:IamMember")
@@ -93,11 +95,16 @@ def test_infra_program_reads_its_config_and_exports_what_the_seed_exported(
         pulumi.runtime.set_all_config({})
     assert outputs["full_table_id"] == "config-project.language_model_logging.inference_logs"
     assert {"dataset_id", "table_id"} <= set(stack_outputs)
-    table = next(t for t in mocks.of_type("gcp:bigquery/table:Table") if "schema" in t)
+    table = next(
+        t for t in mocks.of_type("gcp:bigquery/table:Table") if t["tableId"] == "inference_logs"
+    )
     assert table["deletionProtection"] is False
     assert int(table["timePartitioning"]["expirationMs"]) == 90 * 86_400_000
-    (writer,) = mocks.of_type("gcp:bigquery/iamMember:IamMember")
-    assert writer["member"] == "serviceAccount:w@p.iam.gserviceaccount.com"
+    writers = mocks.of_type("gcp:bigquery/iamMember:IamMember")
+    assert sorted((w["tableId"], w["member"]) for w in writers) == [
+        ("inference_logs", "serviceAccount:w@p.iam.gserviceaccount.com"),
+        ("inference_logs_digests", "serviceAccount:w@p.iam.gserviceaccount.com"),
+    ]
     (reader,) = mocks.of_type("gcp:bigquery/datasetIamMember:DatasetIamMember")
     assert reader["member"] == "group:r@example.com"
 
