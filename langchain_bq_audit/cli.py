@@ -119,7 +119,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
                               labels=args.labels)  # fmt: skip
     client = make_client(settings)
     try:
-        report = ensure_table(client, settings, timeout=args.timeout)
+        report = ensure_table(client, settings, timeout=args.timeout, digests=True)
     except SchemaMismatchError as exc:
         print(f"bq-audit: {exc}", file=sys.stderr)
         return 1
@@ -133,6 +133,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .integrity import verify
     from .reading import run_query
 
+    keys: dict[str, Any] = {}
+    if args.public_key:
+        from .digests import key_id, load_public_key
+
+        try:
+            keys = {key_id(k): k for k in map(load_public_key, args.public_key)}
+        except ValueError as exc:
+            print(f"bq-audit: {exc}", file=sys.stderr)
+            return 2
     client, full = _client_and_table(args)
     sql = f"SELECT * FROM `{full}` WHERE chain_id IS NOT NULL"
     params: dict[str, Any] = {}
@@ -146,15 +155,74 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         sql += " AND timestamp >= TIMESTAMP(@since)"
     rows = run_query(client, sql, params, timeout=600)
     report = verify(rows, from_start=args.since is None)
-    for chain_id, count in report.rows.items():
-        bad = sum(1 for f in report.findings if f.chain_id == chain_id)
-        print(f"chain {chain_id}: {count} rows, {'ok' if not bad else f'{bad} finding(s)'}")
-    for finding in report.findings:
+    if not keys:
+        return _print_verified(full, report.rows, {}, report.findings, [])
+    from .digests import check
+
+    digests = _read_digests(client, full, args.digest_file)
+    signed = check(rows, digests, keys, from_start=args.since is None)
+    findings = sorted(report.findings + signed.findings, key=lambda f: (f.chain_id, f.seq))
+    code = _print_verified(full, report.rows, signed.digests, findings, signed.unproven)
+    print(
+        "what this cannot prove: rows written after a chain's last signed digest (up to "
+        "digest_every_rows rows or digest_every_s seconds; more if the writer was killed "
+        "before close) can be edited, deleted or appended to without a trace; and a chain "
+        "whose digests were deleted too (keep a copy with digest_file, --digest-file)"
+        + ("; with --since, chains deleted whole are not looked for" if args.since else "")
+    )
+    return code
+
+
+def _read_digests(client: Any, full: str, files: list[str] | None) -> list[dict[str, Any]]:
+    """Every digest of the table's digests table (none when it is missing) and of `files`."""
+    from google.api_core.exceptions import NotFound
+
+    from .digests import read_digest_file
+    from .reading import run_query
+
+    digests: list[dict[str, Any]] = []
+    try:
+        digests = run_query(client, f"SELECT * FROM `{full}{schema.DIGEST_TABLE_SUFFIX}`",
+                            timeout=600)  # fmt: skip
+    except NotFound:
+        print(f"note: no table {full}{schema.DIGEST_TABLE_SUFFIX}: no digest in BigQuery")
+    for path in files or ():
+        digests += read_digest_file(path)
+    return digests
+
+
+def _print_verified(
+    full: str, rows: dict[str, int], digests: dict[str, int], findings: list[Any],
+    unproven: list[str],
+) -> int:  # fmt: skip
+    """Print per chain, then the findings and what is not covered; the exit code."""
+    for chain_id in sorted(set(rows) | {f.chain_id for f in findings}):
+        bad = sum(1 for f in findings if f.chain_id == chain_id)
+        signed = f", {digests[chain_id]} signed digest(s)" if chain_id in digests else ""
+        print(f"chain {chain_id}: {rows.get(chain_id, 0)} rows{signed}, "
+              f"{'ok' if not bad else f'{bad} finding(s)'}")  # fmt: skip
+    for finding in findings:
         print(f"  {finding}")
-    total = sum(report.rows.values())
-    print(f"verified {total} rows in {len(report.rows)} chain(s) of {full}: "
-          f"{len(report.findings)} finding(s)")  # fmt: skip
-    return 0 if report.ok else 1
+    for line in unproven:
+        print(f"  unproven: {line}")
+    print(f"verified {sum(rows.values())} rows in {len(rows)} chain(s) of {full}: "
+          f"{len(findings)} finding(s)")  # fmt: skip
+    return 1 if findings else 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from .digests import generate_key
+
+    try:
+        kid, public = generate_key(args.file)
+    except FileExistsError as exc:
+        print(f"bq-audit: {exc}", file=sys.stderr)
+        return 1
+    print(f"private key {args.file} (mode 0600: keep it with the application only)")
+    print(f"public key  {public} (give it to whoever verifies: bq-audit verify --public-key)")
+    print(f"key id      {kid}")
+    print(f"  export BQ_AUDIT_DIGEST_KEY_FILE={Path(args.file).expanduser().resolve()}")
+    return 0
 
 
 def _client_and_table(args: argparse.Namespace) -> tuple[Any, str]:
@@ -385,12 +453,30 @@ def build_parser() -> argparse.ArgumentParser:
     ver = add(
         "verify",
         "Check the table's hash chains: deleted rows (missing seq), edited rows, broken "
-        "links. Exit code 1 on any finding.",
-        "bq-audit verify --since 2026-11-01",
+        "links; with --public-key, also the signed digests (rewritten hashes, deleted tails "
+        "and chains, appended rows). Exit code 1 on any finding.",
+        "bq-audit verify --public-key digest-key.pem.pub --since 2026-11-01",
     )
     _add_destination(ver, endpoint=True)
     ver.add_argument("--since", help="only rows from this date (YYYY-MM-DD) on")
+    ver.add_argument("--public-key", action="append", metavar="FILE",
+                     help="check the signed digests with this public key (repeatable: old "
+                          "and new keys after a rotation)")  # fmt: skip
+    ver.add_argument(
+        "--digest-file",
+        action="append",
+        metavar="FILE",
+        help="also read digests from this JSON-lines copy (digest_file)",
+    )
     ver.set_defaults(func=_cmd_verify)
+
+    key = add(
+        "keygen",
+        "Make an Ed25519 key for signed digests: FILE (private, 0600) and FILE.pub.",
+        "bq-audit keygen ~/.config/bq-audit/digest-key.pem",
+    )
+    key.add_argument("file", help="where to write the private key (never overwritten)")
+    key.set_defaults(func=_cmd_keygen)
 
     sch = add(
         "schema",

@@ -27,6 +27,7 @@ class ProvisionReport:
     created_table: bool = False
     added_columns: list[str] = field(default_factory=list)
     views: dict[str, str] = field(default_factory=dict)  # view id -> created/updated/ok
+    digest_table: str | None = None  # "created", "added columns ...", "up to date"; None: not asked
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -40,6 +41,8 @@ class ProvisionReport:
         else:
             out.append(f"table {self.table_id}: up to date")
         out += [f"view {name}: {state}" for name, state in self.views.items()]
+        if self.digest_table is not None:
+            out.append(f"table {self.table_id}{schema.DIGEST_TABLE_SUFFIX}: {self.digest_table}")
         return out + [f"note: {note}" for note in self.notes]
 
 
@@ -48,30 +51,39 @@ def table_id(client: Any, settings: AuditSettings) -> str:
     return f"{settings.project or client.project}.{settings.dataset}.{settings.table}"
 
 
-def build_table(client: Any, settings: AuditSettings) -> Any:
-    """The `bigquery.Table` of `schema.table_definition`: schema, partitioning, clustering,
-    retention, labels, description."""
+def build_table(client: Any, settings: AuditSettings, digests: bool = False) -> Any:
+    """The `bigquery.Table` of `schema.table_definition` (or, with `digests`, of
+    `schema.digest_table_definition`): schema, partitioning, clustering, retention, labels,
+    description."""
     from google.cloud import bigquery
 
-    spec = schema.table_definition(settings.retention_days, settings.label_map)
-    table = bigquery.Table(table_id(client, settings), schema=schema.to_schema_fields())
+    if digests:
+        spec = schema.digest_table_definition(settings.retention_days, settings.label_map)
+        full_id = table_id(client, settings) + schema.DIGEST_TABLE_SUFFIX
+        fields = schema.to_schema_fields(schema.DIGEST_COLUMNS)
+    else:
+        spec = schema.table_definition(settings.retention_days, settings.label_map)
+        full_id, fields = table_id(client, settings), schema.to_schema_fields()
+    table = bigquery.Table(full_id, schema=fields)
     part = spec["time_partitioning"]
     table.time_partitioning = bigquery.TimePartitioning(
         type_=part["type"], field=part["field"], expiration_ms=part["expiration_ms"]
     )
-    table.clustering_fields = spec["clustering"]
+    table.clustering_fields = spec["clustering"] or None
     table.description = spec["description"]
     table.labels = spec["labels"]
     return table
 
 
-def missing_columns(existing: list[Any]) -> tuple[list[Any], list[str]]:
-    """Columns of `schema.py` absent from `existing` SchemaFields, and type mismatches."""
+def missing_columns(
+    existing: list[Any], columns: tuple[schema.Column, ...] = schema.COLUMNS
+) -> tuple[list[Any], list[str]]:
+    """`columns` absent from `existing` SchemaFields, and type mismatches."""
     from google.cloud import bigquery
 
     have = {f.name.lower(): f for f in existing}
     add, wrong = [], []
-    for col in schema.COLUMNS:
+    for col in columns:
         found = have.get(col.name.lower())
         if found is None:
             # a column added to an existing table cannot be REQUIRED
@@ -86,9 +98,14 @@ def missing_columns(existing: list[Any]) -> tuple[list[Any], list[str]]:
 
 
 def ensure_table(
-    client: Any, settings: AuditSettings, timeout: float = 30.0, retry: bool = True
+    client: Any,
+    settings: AuditSettings,
+    timeout: float = 30.0,
+    retry: bool = True,
+    digests: bool | None = None,
 ) -> ProvisionReport:
-    """Create what is missing (dataset, table, views) and migrate an older table.
+    """Create what is missing (dataset, table, views, and the digests table when `digests`,
+    by default when `settings` has a digest key) and migrate an older table.
 
     Each request times out after `timeout`; with `retry`, transient errors are retried for
     up to `timeout` too (the writer passes False: its own retry loop bounds the time).
@@ -146,7 +163,32 @@ def ensure_table(
 
     for view_id, (query, description) in views.view_queries(full_id).items():
         report.views[view_id] = _ensure_view(client, view_id, query, description, opts)
+    if settings.signs_digests if digests is None else digests:
+        report.digest_table = _ensure_digest_table(client, settings, opts)
     return report
+
+
+def _ensure_digest_table(client: Any, settings: AuditSettings, opts: dict[str, Any]) -> str:
+    """Create or migrate `<table>_digests` (digests.py); what was done, as words."""
+    from google.api_core.exceptions import Conflict, NotFound
+
+    full_id = table_id(client, settings) + schema.DIGEST_TABLE_SUFFIX
+    try:
+        table = client.get_table(full_id, **opts)
+    except NotFound:
+        try:
+            client.create_table(build_table(client, settings, digests=True), **opts)
+            return "created"
+        except Conflict:
+            table = client.get_table(full_id, **opts)
+    add, wrong = missing_columns(list(table.schema), schema.DIGEST_COLUMNS)
+    if wrong:
+        raise SchemaMismatchError(f"table {full_id} is not a digests table: {'; '.join(wrong)}")
+    if add:
+        table.schema = list(table.schema) + add
+        client.update_table(table, ["schema"], **opts)
+        return f"added columns {', '.join(f.name for f in add)}"
+    return "up to date"
 
 
 def _ensure_view(client: Any, view_id: str, query: str, description: str,

@@ -59,6 +59,7 @@ class AuditLogInfra(pulumi.ComponentResource):
         writer_members: Sequence[str] = (),
         reader_members: Sequence[str] = (),
         views_enabled: bool = True,
+        digests: bool = True,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         """Declare the resources.
@@ -70,6 +71,9 @@ class AuditLogInfra(pulumi.ComponentResource):
             writer_members: IAM members (`serviceAccount:...`) that write rows: dataEditor
                 on the table only.
             reader_members: IAM members that read: dataViewer on the dataset (table and views).
+            digests: also make `<table>_digests` for signed digests (digests.py), with a
+                binding of its own: writers get dataEditor on it, so that giving someone
+                edit rights on the audit table gives none on the digests.
         """
         super().__init__("langchain-bq-audit:index:AuditLogInfra", name, None, opts)
         spec = schema.table_definition(retention_days, labels)
@@ -121,6 +125,38 @@ class AuditLogInfra(pulumi.ComponentResource):
                     deletion_protection=False,  # a view holds no data
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[table]),
                 )
+
+        self.digest_table: Any = None
+        self.digest_writer_bindings: list[Any] = []
+        if digests:
+            dspec = schema.digest_table_definition(retention_days, labels)
+            dpart = dspec["time_partitioning"]
+            self.digest_table = gcp.bigquery.Table(
+                f"{name}-digests",
+                dataset_id=dataset.dataset_id,
+                table_id=table_id + schema.DIGEST_TABLE_SUFFIX,
+                project=dataset.project,
+                schema=json.dumps(dspec["schema"]),
+                time_partitioning=gcp.bigquery.TableTimePartitioningArgs(
+                    type=dpart["type"], field=dpart["field"], expiration_ms=dpart["expiration_ms"]
+                ),
+                description=dspec["description"],
+                labels=dspec["labels"],
+                deletion_protection=deletion_protection,
+                opts=child,
+            )
+            self.digest_writer_bindings = [
+                gcp.bigquery.IamMember(
+                    f"{name}-digest-writer-{_slug(member)}",
+                    project=dataset.project,
+                    dataset_id=dataset.dataset_id,
+                    table_id=self.digest_table.table_id,
+                    role=WRITER_ROLE,
+                    member=member,
+                    opts=child,
+                )
+                for member in writer_members
+            ]
 
         self.writer_bindings = [
             gcp.bigquery.IamMember(

@@ -79,6 +79,28 @@ COLUMNS: tuple[Column, ...] = (
     _c("row_hash", "STRING", _N, "integrity", "SHA-256 of the row's canonical JSON."),
 )
 
+# The signed digests of the hash chains (digests.py), in a table of their own next to the
+# audit table, named after it (`inference_logs_digests`), so that its IAM can differ.
+DIGEST_TABLE_SUFFIX = "_digests"
+DIGEST_COLUMNS: tuple[Column, ...] = (
+    _c("time", "TIMESTAMP", _R, "digest", "When the digest was signed (UTC). Partition column."),
+    _c("event_id", "STRING", _R, "digest", "chain_id:digest_seq; the insertId used for dedup."),
+    _c("chain_id", "STRING", _R, "digest", "The hash chain this digest covers."),
+    _c("digest_seq", "INT64", _R, "digest", "Position of the digest among its chain's, from 1."),
+    _c("first_seq", "INT64", _R, "digest", "First seq of the rows this digest covers."),
+    _c("last_seq", "INT64", _R, "digest", "Last seq of the rows this digest covers."),
+    _c("row_count", "INT64", _R, "digest", "Rows first covered here (0: a closing re-sign)."),
+    _c("last_row_hash", "STRING", _R, "digest", "row_hash of the row at last_seq."),
+    _c("closed", "BOOL", _R, "digest", "True when written at close: no later row was written."),
+    _c("key_id", "STRING", _R, "digest", "Key that signed: SHA-256 of its public key, 16 hex."),
+    _c("prev_signature", "STRING", _N, "digest", "signature of the chain's previous digest."),
+    _c("signature", "STRING", _R, "digest", "Ed25519 signature of the fields above, hex."),
+)
+DIGEST_PARTITION_FIELD = "time"
+DIGEST_TABLE_DESCRIPTION = (
+    "Signed digests of the audit table's hash chains (bq-audit verify --public-key)."
+)
+
 COLUMN_NAMES: frozenset[str] = frozenset(c.name for c in COLUMNS)
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.mode == _R)
 JSON_COLUMNS: frozenset[str] = frozenset(c.name for c in COLUMNS if c.type == "JSON")
@@ -126,11 +148,29 @@ def table_definition(
     }
 
 
-def to_api_json() -> list[dict[str, Any]]:
+def digest_table_definition(
+    retention_days: int | None = None, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The digests table as plain data, in the shape of `table_definition` (no clustering:
+    it holds one row per chain and interval). Digests are kept as long as the rows."""
+    return {
+        "schema": to_api_json(DIGEST_COLUMNS),
+        "time_partitioning": {
+            "type": PARTITION_TYPE,
+            "field": DIGEST_PARTITION_FIELD,
+            "expiration_ms": retention_ms(retention_days),
+        },
+        "clustering": [],
+        "description": DIGEST_TABLE_DESCRIPTION,
+        "labels": {**DEFAULT_LABELS, **(labels or {})},
+    }
+
+
+def to_api_json(columns: tuple[Column, ...] = COLUMNS) -> list[dict[str, Any]]:
     """The schema as BigQuery's JSON schema (what `bq mk --schema` and Pulumi take)."""
     return [
         {"name": c.name, "type": c.type, "mode": c.mode, "description": c.description}
-        for c in COLUMNS
+        for c in columns
     ]
 
 
@@ -141,10 +181,10 @@ def to_json(indent: int | None = 2) -> str:
     return json.dumps(to_api_json(), indent=indent)
 
 
-def to_markdown() -> str:
-    """The schema as a Markdown table for the docs."""
-    lines = ["| column | type | mode | description |", "|---|---|---|---|"]
-    lines += [f"| `{c.name}` | {c.type} | {c.mode} | {c.description} |" for c in COLUMNS]
+def to_markdown(columns: tuple[Column, ...] = COLUMNS, header: str = "column") -> str:
+    """The schema as a Markdown table for the docs (`header` names the first column)."""
+    lines = [f"| {header} | type | mode | description |", "|---|---|---|---|"]
+    lines += [f"| `{c.name}` | {c.type} | {c.mode} | {c.description} |" for c in columns]
     return "\n".join(lines)
 
 
@@ -172,11 +212,11 @@ def to_ddl(full_table_id: str, retention_days: int | None = None) -> str:
     )
 
 
-def to_schema_fields() -> list[Any]:
+def to_schema_fields(columns: tuple[Column, ...] = COLUMNS) -> list[Any]:
     """The schema as `google.cloud.bigquery.SchemaField`s (imports google.cloud lazily)."""
     from google.cloud import bigquery
 
     return [
         bigquery.SchemaField(c.name, c.type, mode=c.mode, description=c.description)
-        for c in COLUMNS
+        for c in columns
     ]

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .schema import DEFAULT_DATASET, DEFAULT_LOCATION, DEFAULT_TABLE
+from .schema import DEFAULT_DATASET, DEFAULT_LOCATION, DEFAULT_TABLE, DIGEST_TABLE_SUFFIX
 
 ENV_PREFIX = "BQ_AUDIT_"
 _CODE_ONLY = {"redactors"}  # not settable from the environment
@@ -102,6 +102,17 @@ class AuditSettings:
     """When set, `user_id` is written as HMAC-SHA256 under this key (pseudonymous)."""
     hash_chain: bool = True
     """Chain the rows of each writer with SHA-256 so `bq-audit verify` can find edits."""
+    digest_key_file: str | None = None
+    """Ed25519 private key (PEM, from `bq-audit keygen`): sign digests of each hash chain
+    into `<table>_digests` (see digests.py; extra `signing`)."""
+    digest_key: str | None = field(default=None, repr=False)
+    """The same key as text (PEM, or base64 of its 32 bytes), e.g. from a secret manager."""
+    digest_every_rows: int = 1000
+    """A signed digest after this many rows of a chain..."""
+    digest_every_s: float = 60.0
+    """...or this many seconds after the first row it does not cover yet, and at close."""
+    digest_file: str | None = None
+    """Also append each digest to this local file (JSON lines), a copy outside BigQuery."""
     writer_process: bool = False
     """Build and send rows in a child process, off the application's GIL: for apps whose
     own CPU time is short next to their prompts (long histories, fast models, busy loops)."""
@@ -109,11 +120,12 @@ class AuditSettings:
     def __post_init__(self) -> None:
         for name in (
             "batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars", "max_row_bytes",
-            "max_pending_runs", "max_buffer_bytes", "max_spool_bytes",
+            "max_pending_runs", "max_buffer_bytes", "max_spool_bytes", "digest_every_rows",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s", "run_ttl_s"):
+        for name in ("batch_age_s", "request_timeout_s", "batch_deadline_s", "run_ttl_s",
+                     "digest_every_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.sink not in SINKS:
@@ -139,6 +151,10 @@ class AuditSettings:
             value = getattr(self, name)
             if not value or not value.replace("_", "").isalnum():
                 raise ValueError(f"{name} must be letters, digits and underscores, got {value!r}")
+        if self.digest_key and self.digest_key_file:
+            raise ValueError("set one of digest_key and digest_key_file, not both")
+        if self.signs_digests and not self.hash_chain:
+            raise ValueError("digests sign the hash chain: a digest key needs hash_chain=true")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AuditSettings:
@@ -172,6 +188,16 @@ class AuditSettings:
             for name in DELIVERY_OPTIONS
             if getattr(self, name) != getattr(other, name)
         ]
+
+    @property
+    def signs_digests(self) -> bool:
+        """True when a digest key is set: the writer signs digests of its chain."""
+        return bool(self.digest_key or self.digest_key_file)
+
+    @property
+    def digest_table(self) -> str:
+        """The digests table's name: the audit table's, plus `_digests`."""
+        return self.table + DIGEST_TABLE_SUFFIX
 
     @property
     def destination(self) -> tuple[str | None, str, str, str | None]:

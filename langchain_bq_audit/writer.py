@@ -229,6 +229,12 @@ class Writer(RunQueue):
         from .integrity import HashChain
 
         self._chain = HashChain() if self.settings.hash_chain else None
+        # digests.py: signed digests of that chain (None without a digest key)
+        from .digests import Digester
+
+        self._digests = Digester.for_writer(
+            self.settings, None if self._own_client else self._client
+        )
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
         self.last_write_time: float | None = None
@@ -266,12 +272,14 @@ class Writer(RunQueue):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._abandon_pending()
         if self._builder is None and not self._records:
+            self._close_digests(deadline)
             self._seal_spool()
             return True
         ok = self.flush(timeout)
         if not ok and (deadline is None or time.monotonic() >= deadline - 0.05):
             self._abort.set()  # out of time: the sender stops retrying
             self.spool_memory()
+        self._close_digests(deadline)  # every row is chained by now
         self._stopping = True
         self._wake.set()
         with self._cond:
@@ -285,6 +293,11 @@ class Writer(RunQueue):
             close_sink()
         self._seal_spool()
         return ok
+
+    def _close_digests(self, deadline: float | None) -> None:
+        """digests.py: sign the closing digest and close the digests table's writer."""
+        if self._digests is not None:
+            self._digests.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def spool_memory(self) -> int:
         """Move every row still in memory (queued, buffered, in flight) to the spool.
@@ -405,6 +418,8 @@ class Writer(RunQueue):
             row = self._built(record)
             if self._chain is not None:
                 self._chain.link(row)
+                if self._digests is not None:  # digests.py: signs a digest when one is due
+                    self._digests.observe(row)
         except Exception as exc:  # a bug, or a run we cannot read at all: count, never lose
             self._count("build_errors", 1)
             self._count("dropped", 1, f"row not built: {type(exc).__name__}: {exc}")

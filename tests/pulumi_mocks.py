@@ -58,7 +58,7 @@ def pulumi_table_definition(inputs: dict[str, Any]) -> dict[str, Any]:
             "field": part["field"],
             "expiration_ms": None if expiration is None else int(expiration),
         },
-        "clustering": inputs["clusterings"],
+        "clustering": inputs.get("clusterings", []),  # the digests table has none
         "description": inputs["description"],
         "labels": inputs["labels"],
     }

@@ -44,6 +44,9 @@ def test_component_declares_every_resource_and_property(mocks: Recorder) -> None
     assert pulumi_table_definition(table) == schema.table_definition(30, {"team": "ml"})
     assert table["deletionProtection"] is True
     assert table["datasetId"] == "language_model_logging"
+    digests = tables.pop("inference_logs_digests")
+    assert pulumi_table_definition(digests) == schema.digest_table_definition(30, {"team": "ml"})
+    assert digests["deletionProtection"] is True
 
     full = "my-project.language_model_logging.inference_logs"
     assert {k: v["view"]["query"] for k, v in tables.items()} == {
@@ -51,10 +54,12 @@ def test_component_declares_every_resource_and_property(mocks: Recorder) -> None
     }
     assert all(v["view"]["useLegacySql"] is False for v in tables.values())
 
-    (binding,) = mocks.of_type("gcp:bigquery/iamMember:IamMember")
-    assert (binding["role"], binding["member"]) == ("roles/bigquery.dataEditor", writer)
-    assert (binding["datasetId"], binding["tableId"]) == ("language_model_logging",
-                                                          "inference_logs")  # fmt: skip
+    # writers get dataEditor on the table and, by a binding of its own, on the digests table
+    bindings = mocks.of_type("gcp:bigquery/iamMember:IamMember")
+    assert sorted((b["datasetId"], b["tableId"], b["role"], b["member"]) for b in bindings) == [
+        ("language_model_logging", "inference_logs", "roles/bigquery.dataEditor", writer),
+        ("language_model_logging", "inference_logs_digests", "roles/bigquery.dataEditor", writer),
+    ]
     reader_bindings = mocks.of_type("gcp:bigquery/datasetIamMember:DatasetIamMember")
     assert sorted(b["member"] for b in reader_bindings) == readers
     assert {b["role"] for b in reader_bindings} == {"roles/bigquery.dataViewer"}
@@ -65,7 +70,9 @@ def test_component_defaults_keep_data_forever_and_protect_the_table(mocks: Recor
     assert outputs["full_table_id"] == "provider-project.language_model_logging.inference_logs"
     (dataset,) = mocks.of_type("gcp:bigquery/dataset:Dataset")
     assert dataset.get("defaultPartitionExpirationMs") is None
-    table = next(t for t in mocks.of_type("gcp:bigquery/table:Table") if "schema" in t)
+    table = next(
+        t for t in mocks.of_type("gcp:bigquery/table:Table") if t["tableId"] == "inference_logs"
+    )
     assert pulumi_table_definition(table) == schema.table_definition()
     assert table["deletionProtection"] is True
     assert not mocks.of_type("gcp:bigquery/iamMember:IamMember")
@@ -88,10 +95,24 @@ def test_infra_program_reads_its_config_and_exports_what_the_seed_exported(
         pulumi.runtime.set_all_config({})
     assert outputs["full_table_id"] == "config-project.language_model_logging.inference_logs"
     assert {"dataset_id", "table_id"} <= set(stack_outputs)
-    table = next(t for t in mocks.of_type("gcp:bigquery/table:Table") if "schema" in t)
+    table = next(
+        t for t in mocks.of_type("gcp:bigquery/table:Table") if t["tableId"] == "inference_logs"
+    )
     assert table["deletionProtection"] is False
     assert int(table["timePartitioning"]["expirationMs"]) == 90 * 86_400_000
-    (writer,) = mocks.of_type("gcp:bigquery/iamMember:IamMember")
-    assert writer["member"] == "serviceAccount:w@p.iam.gserviceaccount.com"
+    writers = mocks.of_type("gcp:bigquery/iamMember:IamMember")
+    assert sorted((w["tableId"], w["member"]) for w in writers) == [
+        ("inference_logs", "serviceAccount:w@p.iam.gserviceaccount.com"),
+        ("inference_logs_digests", "serviceAccount:w@p.iam.gserviceaccount.com"),
+    ]
     (reader,) = mocks.of_type("gcp:bigquery/datasetIamMember:DatasetIamMember")
     assert reader["member"] == "group:r@example.com"
+
+
+def test_component_can_leave_the_digests_table_out(mocks: Recorder) -> None:
+    writer = "serviceAccount:app@my-project.iam.gserviceaccount.com"
+    declare(lambda: AuditLogInfra("audit", digests=False, writer_members=[writer]))
+    tables = [t["tableId"] for t in mocks.of_type("gcp:bigquery/table:Table")]
+    assert "inference_logs_digests" not in tables
+    (binding,) = mocks.of_type("gcp:bigquery/iamMember:IamMember")
+    assert binding["tableId"] == "inference_logs"

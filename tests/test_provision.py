@@ -74,11 +74,19 @@ def test_init_the_writer_and_pulumi_build_the_same_table(
     by_writer = bq_client.get_table(f"local.{DATASET}.{table_name}_writer")
 
     declare(lambda: AuditLogInfra("audit", retention_days=30, labels={"team": "ml"}))
-    (by_pulumi,) = [t for t in mocks.of_type("gcp:bigquery/table:Table") if "schema" in t]
+    tables = {t["tableId"]: t for t in mocks.of_type("gcp:bigquery/table:Table")}
+    by_pulumi = tables["inference_logs"]
 
     assert definition_of(by_init) == expected
     assert definition_of(by_writer) == expected
     assert pulumi_table_definition(by_pulumi) == expected
+    # the signed digests' table too, by init and by Pulumi (clustering: none)
+    digests = schema.digest_table_definition(30, {"team": "ml"})
+    by_init_digests = definition_of(
+        bq_client.get_table(f"local.{DATASET}.{table_name}_init_digests")
+    )
+    assert {**by_init_digests, "clustering": by_init_digests["clustering"] or []} == digests
+    assert pulumi_table_definition(tables["inference_logs_digests"]) == digests
     dataset = bq_client.get_dataset(f"local.{DATASET}")
     assert dataset.location == "US"
     assert dataset.description == schema.DATASET_DESCRIPTION
