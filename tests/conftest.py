@@ -39,8 +39,38 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             os.environ[key] = value
 
 
+class ExternalBigQuery:
+    """A BigQuery endpoint this test run did not start, named by the environment:
+    `BQ_AUDIT_TEST_ENDPOINT=host:port` (its REST API), `BQ_AUDIT_TEST_GRPC=host:port` (its
+    Storage Write API, if any) and `BQ_AUDIT_TEST_PROJECT` (default `local`). It has the
+    attributes the tests use of `LocalBigQuery`, so the suite runs unchanged against it."""
+
+    def __init__(self, host_port: str, project: str, grpc_target: str | None) -> None:
+        self.host_port = host_port.removeprefix("http://")
+        self.endpoint = f"http://{self.host_port}"
+        self.port = int(self.host_port.rsplit(":", 1)[1])
+        self.project = project
+        self.grpc_target = grpc_target or ""
+        self.grpc_port = int(self.grpc_target.rsplit(":", 1)[1]) if grpc_target else 0
+
+    def client(self) -> Any:
+        from langchain_bq_audit.client import make_client
+        from langchain_bq_audit.settings import AuditSettings
+
+        return make_client(AuditSettings(emulator_host=self.host_port, project=self.project))
+
+
 @pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBigQuery]:
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The BigQuery the tests write to: the embedded one, started for this session, or an
+    endpoint named by `BQ_AUDIT_TEST_ENDPOINT` (see `ExternalBigQuery`)."""
+    import os
+
+    endpoint = os.environ.get("BQ_AUDIT_TEST_ENDPOINT")
+    if endpoint:
+        yield ExternalBigQuery(endpoint, os.environ.get("BQ_AUDIT_TEST_PROJECT", "local"),
+                               os.environ.get("BQ_AUDIT_TEST_GRPC"))  # fmt: skip
+        return
     bq = LocalBigQuery(tmp_path_factory.mktemp("local-bigquery"))
     bq.start()
     yield bq
