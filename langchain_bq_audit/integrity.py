@@ -35,7 +35,11 @@ _EXACT = 2**53
 
 def _micros(value: Any) -> int:
     if isinstance(value, str):
+        if value.endswith("Z"):  # RFC 3339's UTC mark: Python before 3.11 cannot parse it
+            value = value[:-1] + "+00:00"
         value = _dt.datetime.fromisoformat(value)
+        if value.tzinfo is None:  # BigQuery's TIMESTAMP is UTC
+            value = value.replace(tzinfo=_dt.timezone.utc)
     delta: _dt.timedelta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install into .venv (with the embedded BigQuery and test tools), lint, and run the tests.
+# Install into .venv (with the embedded BigQuery and test tools), lint, run the unit layer on
+# Python 3.10-3.12 (scripts/unit.sh), then every test on 3.13.
 # The tests start their own local BigQuery; extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,4 +9,6 @@ cd "$root"
 .venv/bin/ruff check langchain_bq_audit tests scripts benchmarks
 .venv/bin/ruff format --check langchain_bq_audit tests scripts benchmarks
 .venv/bin/mypy langchain_bq_audit benchmarks
+# the unit layer on the other supported Pythons (3.13 runs it below, with everything else)
+"$root/scripts/unit.sh" 3.10 3.11 3.12
 exec .venv/bin/python -m pytest "$@"

@@ -35,7 +35,15 @@ for v in "${versions[@]}"; do
   if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     rm -rf "$venv"
     "$py" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[unit]"
+    log="$(mktemp)"
+    if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[unit]" \
+        >"$log" 2>&1; then
+      grep -v "^WARNING: Location .* is ignored" "$log" >&2 || true
+      rm -f "$log"
+      echo "error: pip could not install langchain-bq-audit[unit] for Python $v" >&2
+      exit 1
+    fi
+    rm -f "$log"
     echo "$want" > "$stamp"
   fi
   echo "unit layer on Python $v:" >&2

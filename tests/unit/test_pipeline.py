@@ -75,7 +75,7 @@ def test_rows_are_written_once_and_counted(tmp_path) -> None:
 def test_a_retryable_failure_is_retried_then_written(tmp_path, caplog) -> None:
     sink = MemorySink()
     sink.fail_next = [RetryableError("503 backendError"), RetryableError("429 rateLimited")]
-    writer = make(tmp_path, sink)
+    writer = make(tmp_path, sink, batch_age_s=60)  # one batch, sent by the flush
     for i in range(10):
         writer.submit(row(i))
     stats = quiet(writer)
@@ -153,7 +153,7 @@ def test_rows_rejected_for_good_are_dead_lettered_not_retried(tmp_path) -> None:
 def test_a_configuration_error_is_not_retried_and_says_what_to_fix(tmp_path, caplog) -> None:
     sink = MemorySink()
     sink.fail_with = ConfigurationError("403 Forbidden: permission denied")
-    writer = make(tmp_path, sink, batch_deadline_s=60)
+    writer = make(tmp_path, sink, batch_deadline_s=60, batch_age_s=60)  # one batch
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, "langchain_bq_audit"):
         for i in range(5):

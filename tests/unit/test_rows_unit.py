@@ -178,3 +178,12 @@ def test_repeated_run_ids_pair_ends_by_thread() -> None:
     key = tracker.key_to_end(run_id, thread=2)
     assert tracker.runs.pop(key) is second
     assert tracker.key_to_end(run_id, thread=2) == run_id and not tracker.repeats
+
+
+def test_a_timestamp_hashes_the_same_in_every_rfc3339_spelling() -> None:
+    """Python 3.10 cannot parse a trailing Z: the hash chain must not depend on it."""
+    from langchain_bq_audit.integrity import _micros
+
+    spellings = ["2026-11-30T10:00:00.000001Z", "2026-11-30T10:00:00.000001+00:00",
+                 "2026-11-30 10:00:00.000001"]  # fmt: skip
+    assert len({_micros(s) for s in spellings}) == 1
