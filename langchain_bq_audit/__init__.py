@@ -2,8 +2,8 @@
 
 from .context import AuditContext, audit_context, disable, enable, global_handler
 from .handler import BigQueryAuditHandler
+from .registry import flush_all as flush
 from .settings import AuditSettings
-from .writer import flush_all as flush
 
 __all__ = [
     "AuditContext",

@@ -244,14 +244,14 @@ class Digester:
         local = Path(settings.digest_file).expanduser() if settings.digest_file else None
 
         def emit(digest: dict[str, Any]) -> None:
-            from .writer import get_writer
+            from .registry import get_writer
 
             if local is not None:
                 append_digest_file(local, digest)
             get_writer(target, client).submit(digest)
 
         def closed(timeout: float | None) -> bool:
-            from .writer import get_writer
+            from .registry import get_writer
 
             return get_writer(target, client).close(timeout)
 

@@ -18,8 +18,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from .context import configured_identity, current_context
 from .records import RunRecord, is_graph_bubble_up
+from .registry import get_writer
 from .settings import AuditSettings
-from .writer import get_writer
 
 if TYPE_CHECKING:
     from google.cloud.bigquery import Client

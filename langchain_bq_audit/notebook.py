@@ -21,8 +21,8 @@ from .emulator import LocalBigQuery
 from .handler import BigQueryAuditHandler
 from .provision import table_id
 from .reading import recent_rows, run_query
+from .registry import flush_all, shutdown
 from .settings import AuditSettings
-from .writer import flush_all, shutdown
 
 _current: AuditNotebook | None = None
 

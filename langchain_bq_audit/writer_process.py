@@ -36,10 +36,11 @@ from typing import Any, BinaryIO
 from uuid import UUID
 
 from .records import RunRecord
+from .registry import get_writer
 from .rows import error_text, run_status, to_jsonable
 from .settings import AuditSettings
 from .tracker import RunTracker
-from .writer import COUNTERS, SETTLED, RunQueue, Writer, get_writer
+from .writer import COUNTERS, SETTLED, RunQueue, Writer
 
 _HEADER = struct.Struct("<I")
 # Run ids cross as ints (a UUID pickles through Python code), errors as name and message.

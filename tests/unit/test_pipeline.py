@@ -281,7 +281,7 @@ def test_close_spools_what_a_hung_bigquery_holds_within_its_timeout(tmp_path) ->
 def test_a_second_handler_asking_other_delivery_options_is_told_by_name(
     tmp_path, caplog, option
 ) -> None:
-    from langchain_bq_audit.writer import get_writer
+    from langchain_bq_audit.registry import get_writer
 
     table = f"t_{option}_{uuid4().hex[:6]}"
     base = AuditSettings(project="local", table=table, spool_dir=str(tmp_path),

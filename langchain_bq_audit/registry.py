@@ -1,0 +1,152 @@
+"""One writer per process and destination table, and the hooks that drain them all: at exit,
+on SIGTERM (then the previous handler acts), and after `os.fork()` (the child starts empty).
+
+`get_writer` is what handlers call; `flush_all` and `shutdown` are what the public
+`langchain_bq_audit.flush()` and the notebook helper call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from .settings import AuditSettings
+from .writer import Writer
+
+if TYPE_CHECKING:
+    from .writer_process import ProcessWriter
+
+logger = logging.getLogger(__name__)
+
+_writers: dict[tuple[Any, ...], Writer | ProcessWriter] = {}
+_registry_lock = threading.Lock()
+_hooks_installed = False
+_previous_sigterm: Any = None
+
+
+def get_writer(settings: AuditSettings, client: Any = None) -> Writer | ProcessWriter:
+    """The shared writer for `settings`' destination (and `client`, when one is given).
+
+    With `writer_process` it runs in a child process, unless that cannot be: a `client`
+    object or a redactor that cannot be pickled stays in this process (with a warning).
+    """
+    key = (*settings.destination, id(client) if client is not None else None)
+    writer = _writers.get(key)
+    if writer is not None:
+        ignored = writer.settings.delivery_differences(settings)
+        if ignored:  # one writer per table: the first handler's delivery options hold
+            writer._warn(
+                "options:" + ",".join(ignored),
+                f"langchain-bq-audit: {writer.destination} already has a writer; these options "
+                f"of a later handler are ignored for it: {', '.join(ignored)}",
+            )
+        return writer
+    with _registry_lock:
+        writer = _writers.get(key)
+        if writer is None:
+            writer = _new_writer(settings, client)
+            _writers[key] = writer
+            if client is not None:
+                # the key holds id(client): forget the writer's slot when the client dies
+                weakref.finalize(client, _writers.pop, key, None)
+            _install_hooks(settings)
+    return writer
+
+
+def _new_writer(settings: AuditSettings, client: Any) -> Writer | ProcessWriter:
+    if not settings.writer_process:
+        return Writer(settings, client)
+    import pickle
+
+    why = "a client object cannot be passed to another process" if client is not None else ""
+    if not why:
+        try:
+            pickle.dumps(settings)
+        except Exception as exc:  # a lambda among the redactors, say
+            why = f"its settings cannot be pickled ({exc!r})"
+    if why:
+        logger.warning("langchain-bq-audit: writer_process is ignored: %s", why)
+        return Writer(settings.replace(writer_process=False), client)
+    from .writer_process import ProcessWriter
+
+    return ProcessWriter(settings)
+
+
+def all_writers() -> list[Writer | ProcessWriter]:
+    """Every writer of this process."""
+    return list(_writers.values())
+
+
+def flush_all(timeout: float | None = 10.0) -> bool:
+    """Flush every writer of this process within `timeout` seconds in total."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ok = True
+    for writer in all_writers():
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ok = writer.flush(left) and ok
+    return ok
+
+
+def shutdown(timeout: float) -> bool:
+    """Write what every writer holds within `timeout` seconds in total; spool the rest."""
+    deadline = time.monotonic() + timeout
+    ok = True
+    for writer in all_writers():
+        ok = writer.close(max(0.0, deadline - time.monotonic())) and ok
+    return ok
+
+
+def _drain_timeout() -> float:
+    return max((w.settings.shutdown_timeout_s for w in all_writers()), default=0.0)
+
+
+def _atexit_drain() -> None:
+    shutdown(_drain_timeout())
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    shutdown(_drain_timeout())
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    else:  # the default action: die of SIGTERM, as the process would have without us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_hooks(settings: AuditSettings) -> None:
+    global _hooks_installed, _previous_sigterm
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_atexit_drain)
+    # Signal handlers can only be set from the main thread; elsewhere atexit must do.
+    if settings.handle_sigterm and threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous is not _on_sigterm:
+                signal.signal(signal.SIGTERM, _on_sigterm)
+                _previous_sigterm = previous
+        except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+            pass
+
+
+def _after_fork_in_child() -> None:
+    # The child's copies of the parent's queued rows belong to the parent, which writes
+    # them; the child starts empty, with threads of its own on first use.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for writer in _writers.values():
+        writer._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
