@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,14 +54,20 @@ def bq_audit(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                           capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
 
 
+def flowing(proxy: FaultProxy, table: str, spool: Path, **options: Any) -> BigQueryAuditHandler:
+    """A handler writing through `proxy`, once its table exists and rows flow."""
+    handler = BigQueryAuditHandler(client=through(proxy), table=table, batch_age_s=0.05,
+                                   spool_dir=str(spool), **options)  # fmt: skip
+    calls(handler, 5, "before")
+    assert handler.flush(60)
+    return handler
+
+
 @pytest.mark.parametrize("status", [503, 429])
 def test_5xx_and_429_are_retried_until_bigquery_answers(
     proxy, bq_client, table_name, tmp_path, status
 ) -> None:
-    handler = BigQueryAuditHandler(client=through(proxy), table=table_name, batch_age_s=0.05,
-                                   spool_dir=str(tmp_path), batch_deadline_s=120)  # fmt: skip
-    calls(handler, 5, "before")
-    assert handler.flush(60)  # the table exists
+    handler = flowing(proxy, table_name, tmp_path, batch_deadline_s=120)
     proxy.set_mode("http", status)
     calls(handler, 10)
     wait_for(lambda: proxy.answered >= 3, 60, f"three {status} answers")
@@ -76,10 +83,7 @@ def test_5xx_and_429_are_retried_until_bigquery_answers(
 def test_permission_denied_is_not_retried_as_an_outage_and_loses_nothing(
     proxy, bq_client, table_name, tmp_path, caplog
 ) -> None:
-    handler = BigQueryAuditHandler(client=through(proxy), table=table_name, batch_age_s=0.05,
-                                   spool_dir=str(tmp_path), batch_deadline_s=300)  # fmt: skip
-    calls(handler, 3, "before")
-    assert handler.flush(60)
+    handler = flowing(proxy, table_name, tmp_path, batch_deadline_s=300)
     proxy.set_mode("http", 403)
     with caplog.at_level(logging.WARNING, "langchain_bq_audit"):
         calls(handler, 10)
@@ -91,7 +95,7 @@ def test_permission_denied_is_not_retried_as_an_outage_and_loses_nothing(
     assert "permission denied" in caplog.text and "IAM roles" in caplog.text
     proxy.set_mode("pass")  # the operator grants the role: the next probe replays
     wait_for(lambda: handler.stats()["replayed"] == 10, 90, "the spool to be replayed")
-    assert count(bq_client, table_name) == 13
+    assert count(bq_client, table_name) == 15
     handler.close()
 
 
