@@ -34,8 +34,8 @@ def batches(rows: list[dict[str, Any]], max_rows: int, max_bytes: int) -> Iterat
 
 
 def is_row(record: dict[str, Any]) -> bool:
-    """True for a record that can be sent as a row: it has its insert id and timestamp."""
-    return isinstance(record.get("event_id"), str) and isinstance(record.get("timestamp"), str)
+    """True for a record that can be sent as a row: it has its insert id (`event_id`)."""
+    return isinstance(record.get("event_id"), str)
 
 
 def replay(
@@ -73,7 +73,7 @@ def replay(
                 return sent
         odd = [r for r in contents.records if not is_row(r)]
         if odd:  # once the segment is otherwise done, so they are kept once
-            reject(odd, ["spool record is not a row (no event_id or timestamp)"] * len(odd))
+            reject(odd, ["spool record is not a row (no event_id)"] * len(odd))
         sent += len(rows)
         done_bytes += done()
         if progress is not None:

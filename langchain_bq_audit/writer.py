@@ -607,11 +607,11 @@ class Writer(RunQueue):
                 sink = self._ensure_sink()
                 errors = sink.write(pending, [r["event_id"] for r in pending])
             except TableMissingError as exc:
+                # retried like an outage: it may be being created right now (`bq-audit init`,
+                # or the writer of the table that a digests table belongs to)
                 self._provisioned = False
-                if not self.settings.auto_create:  # nobody will create it: say so, keep rows
-                    self._mark_down(f"table missing and auto_create is off: {exc}", setup=True)
-                    return False
-                error = f"table missing: {exc}"
+                off = "" if self.settings.auto_create else " and auto_create is off"
+                error = f"table missing{off}: {exc}"
             except PermanentError as exc:
                 self._dead_letter(pending, [str(exc)] * len(pending), replay)
                 self._breaker.succeeded()

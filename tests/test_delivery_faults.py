@@ -362,7 +362,7 @@ def test_auto_create_off_keeps_rows_until_the_table_exists(
     with caplog.at_level(logging.WARNING, "langchain_bq_audit"):
         handler = BigQueryAuditHandler(client=bq_client, table=table_name, auto_create=False,
                                        spool_dir=str(tmp_path), batch_age_s=0.05,
-                                       batch_deadline_s=300)  # fmt: skip
+                                       batch_deadline_s=3)  # fmt: skip
         calls(handler, 5)
         assert handler.flush(120) is False
     stats = accounted(handler)
