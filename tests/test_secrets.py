@@ -1,0 +1,297 @@
+"""Secrets planted through real runnables never reach the table, the spool or the dead letters.
+
+The secrets are fixed literals, and each check looks for those exact strings: the product's
+own patterns are never the oracle. Values under secret-looking keys (tool arguments, chain
+inputs and outputs, tool-call arguments, invocation params, metadata, document metadata)
+are plain strings a pattern could not recognise, so only the key check can remove them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import RunnableLambda
+from langchain_core.tools import tool
+
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.redact import is_secret_key, may_hold_secret_key, remove_secrets
+from langchain_bq_audit.spool import read_segment
+
+from .conftest import create_table_with_required_user, wait_for
+from .models import ScriptedChatModel
+from .proxy import FaultProxy
+
+# Values under secret-looking keys, in the spellings the keys come in.
+KEYED = {
+    "tool argument api_key": "tool-arg-4f9Qz81",
+    "chain input password": "chain-pw-Hx72pLq",
+    "chain input Authorization": "chain-auth-Mw51",
+    "chain output clientSecret": "chain-out-Kd02nRt",
+    "tool output accessToken": "tool-out-Vb38sWm",
+    "tool-call argument apiKey": "call-arg-Rf83kDs",
+    "invocation param azureAdToken": "param-Gh26yNe",
+    "metadata X-Api-Key": "meta-Jt67uBn",
+    "metadata Cookie": "meta-cookie-Lm40cZo",
+    "document metadata privateKey": "doc-meta-Pq55vXe",
+    "document metadata Ocp-Apim-Subscription-Key": "doc-meta-Ws19aYc",
+}
+# Credentials inside text: (the text as a user or model writes it, the part that must go).
+FORMATS = {
+    "url credentials": ("postgres://deploy:Tr0ub4dor-url@db.internal:5432/app", "Tr0ub4dor-url"),
+    "password assignment": ("password=Hunter2-assign", "Hunter2-assign"),
+    "api_key assignment": ("api_key=ak-assign-93jd", "ak-assign-93jd"),
+    "token colon": ("token: tk-colon-55qa", "tk-colon-55qa"),
+    "google access token": ("ya29.a0AfH6SMBplantedAccessToken0123456789",
+                            "ya29.a0AfH6SMBplantedAccessToken0123456789"),
+    "google client secret": ("GOCSPX-plantedClientSecret0123456789",
+                             "GOCSPX-plantedClientSecret0123456789"),
+    "slack webhook": ("https://hooks.slack.com/services/T0PLANTED/B0PLANTED/webhookSecret0123456",
+                      "webhookSecret0123456"),
+    "azure connection string": (
+        "DefaultEndpointsProtocol=https;AccountName=acme;"
+        "AccountKey=c2VjcmV0LWFjY291bnQta2V5LXBsYW50ZWQ=;EndpointSuffix=core.windows.net",
+        "c2VjcmV0LWFjY291bnQta2V5LXBsYW50ZWQ="),
+    "sql connection string": ("Server=db;User Id=sa;Password=Sql-Pl4nted!;", "Sql-Pl4nted!"),
+    "short bearer": ("Authorization: Bearer abc123def456", "abc123def456"),
+    "short basic": ("Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+    "openai key": ("sk-proj-plantedOpenAiKey0123456789", "sk-proj-plantedOpenAiKey0123456789"),
+    "aws access key id": ("AKIAPLANTEDX01234567", "AKIAPLANTEDX01234567"),
+}  # fmt: skip
+# A private key block: each of its lines must go, compared line by line (not as one string
+# whose line breaks an encoder would have escaped).
+PEM_LINES = ("MIIEplantedPemBodyLineOne0123", "MIIEplantedPemBodyLineTwo4567")
+PEM = "-----BEGIN PRIVATE KEY-----\n" + "\n".join(PEM_LINES) + "\n-----END PRIVATE KEY-----"
+PLANTED = (*KEYED.values(), *(secret for _, secret in FORMATS.values()), *PEM_LINES)
+# The text of the question and of the model's answer: every format, one a line.
+LEAKY_TEXT = "Please connect:\n" + "\n".join(text for text, _ in FORMATS.values()) + "\n" + PEM
+ROWS = 7  # sequence, prompt, model, parser, lambda; tool; retriever
+
+
+class PlantedRetriever(BaseRetriever):
+    """Returns one document whose metadata holds secrets under header-style keys."""
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun
+    ) -> list[Document]:
+        metadata = {
+            "source": "wiki/onboarding",
+            "privateKey": KEYED["document metadata privateKey"],
+            "Ocp-Apim-Subscription-Key": KEYED["document metadata Ocp-Apim-Subscription-Key"],
+        }
+        return [Document(page_content="Onboarding: " + LEAKY_TEXT, metadata=metadata)]
+
+
+@tool
+def lookup(query: str, api_key: str) -> dict[str, str]:
+    """Look a city's weather up with the caller's key."""
+    return {"forecast": f"sunny in {query}", "accessToken": KEYED["tool output accessToken"]}
+
+
+def plant(handler: BigQueryAuditHandler) -> None:
+    """Run a chain, a tool and a retriever that carry every planted secret."""
+    call = {"name": "lookup", "id": "call-1",
+            "args": {"query": "Lisbon", "apiKey": KEYED["tool-call argument apiKey"]}}  # fmt: skip
+    model = ScriptedChatModel(message=AIMessage("Done.\n" + LEAKY_TEXT, tool_calls=[call]))
+    answer = RunnableLambda(
+        lambda text: {"answer": text, "clientSecret": KEYED["chain output clientSecret"]}
+    )
+    chain = (
+        ChatPromptTemplate.from_messages([("human", "{question}")])
+        | model.bind(azureAdToken=KEYED["invocation param azureAdToken"])
+        | StrOutputParser()
+        | answer
+    )
+    metadata = {"X-Api-Key": KEYED["metadata X-Api-Key"], "Cookie": KEYED["metadata Cookie"]}
+    config: Any = {"callbacks": [handler], "metadata": metadata}
+    chain.invoke(
+        {"question": LEAKY_TEXT, "password": KEYED["chain input password"],
+         "Authorization": KEYED["chain input Authorization"]},
+        config=config,
+    )  # fmt: skip
+    lookup.invoke({"query": "Lisbon", "api_key": KEYED["tool argument api_key"]}, config=config)
+    PlantedRetriever().invoke("onboarding", config=config)
+
+
+def strings(value: Any) -> Iterator[str]:
+    """Every string in a row read back (JSON columns parsed), at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            yield key
+            yield from strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from strings(v)
+
+
+def assert_absent(texts: list[str], where: str) -> None:
+    assert texts
+    for secret in PLANTED:
+        found = [t[:300] for t in texts if secret in t]
+        assert not found, f"{secret!r} in {where}: {found}"
+
+
+def segment_texts(folder: Path) -> list[str]:
+    """Each segment file's raw text, and every string of its records."""
+    texts: list[str] = []
+    for path in sorted(folder.rglob("*.seg")):
+        texts.append(path.read_text(encoding="utf-8"))
+        for record in read_segment(path).records:
+            texts += strings(record)
+    return texts
+
+
+MODES = ["full", "redacted", "metadata"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_planted_secrets_never_reach_the_table(make_handler, read_rows, mode: str) -> None:
+    handler = make_handler(capture_mode=mode, capture_documents=True)
+    plant(handler)
+    assert handler.flush(timeout=30)
+    rows = read_rows()
+    assert len(rows) == ROWS
+    assert_absent([t for row in rows for t in strings(row)], f"the table ({mode})")
+
+    by_name = {(r["run_type"], r["name"]): r for r in rows}
+    model = by_name["chat_model", "ScriptedChatModel"]
+    assert model["invocation_params"]["azureAdToken"] == "<removed>"
+    assert model["metadata"]["X-Api-Key"] == model["metadata"]["Cookie"] == "<removed>"
+    tool_row = by_name["tool", "lookup"]
+    if mode == "metadata":
+        assert model["tool_calls"] == [{"name": "lookup", "id": "call-1"}]
+        assert tool_row["input_text"] == tool_row["output_text"] == ""
+        return
+    args = model["tool_calls"][0]["args"]
+    assert args == {"query": "Lisbon", "apiKey": "<removed>"}
+    assert json.loads(tool_row["input_text"]) == {"query": "Lisbon", "api_key": "<removed>"}
+    assert json.loads(tool_row["output_text"]) == {"forecast": "sunny in Lisbon",
+                                                   "accessToken": "<removed>"}  # fmt: skip
+    root = by_name["chain", "RunnableSequence"]
+    question = json.loads(root["input_text"])
+    assert (question["password"], question["Authorization"]) == ("<removed>", "<removed>")
+    assert json.loads(root["output_text"])["clientSecret"] == "<removed>"
+    (doc,) = by_name["retriever", "PlantedRetriever"]["output_messages"]
+    assert doc["metadata"] == {"source": "wiki/onboarding", "privateKey": "<removed>",
+                               "Ocp-Apim-Subscription-Key": "<removed>"}  # fmt: skip
+    # What is around a credential stays: only the secret part goes.
+    text = model["input_text"]
+    for kept in ("postgres://deploy:[SECRET]@db.internal:5432/app", "password=[SECRET]",
+                 "AccountName=acme;AccountKey=[SECRET];", "Authorization: Bearer [SECRET]",
+                 "Basic [SECRET]", "Password=[SECRET];"):  # fmt: skip
+        assert kept in text, kept
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_planted_secrets_never_reach_the_spool(tmp_path: Path, mode: str) -> None:
+    unreachable = FaultProxy(1)  # BigQuery cannot be reached: every row is spooled
+    unreachable.set_mode("reset")
+    spool = tmp_path / "spool"
+    handler = BigQueryAuditHandler(
+        table="spooled_secrets", emulator_host=unreachable.host_port, spool_dir=str(spool),
+        batch_age_s=0.01, batch_deadline_s=0.2, capture_mode=mode, capture_documents=True,
+    )  # fmt: skip
+    try:
+        plant(handler)
+        wait_for(lambda: handler.stats()["spooled"] == ROWS, 30, "every row to be spooled")
+    finally:
+        handler.close(timeout=1)
+        unreachable.close()
+    texts = segment_texts(spool)
+    assert sum(len(read_segment(p).records) for p in spool.rglob("*.seg")) == ROWS
+    assert any("<removed>" in t for t in texts)
+    assert_absent(texts, f"the spool ({mode})")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_planted_secrets_never_reach_the_dead_letters(
+    bq_client, table_name, tmp_path: Path, mode: str
+) -> None:
+    create_table_with_required_user(bq_client, table_name)  # rows without a user are rejected
+    spool = tmp_path / "spool"
+    handler = BigQueryAuditHandler(client=bq_client, table=table_name, spool_dir=str(spool),
+                                   batch_age_s=0.05, capture_mode=mode,
+                                   capture_documents=True)  # fmt: skip
+    try:
+        plant(handler)
+        wait_for(lambda: handler.stats()["dead_lettered"] == ROWS, 30, "every row rejected")
+        dead = handler._writer.spool.dead_letters()
+    finally:
+        handler.close(timeout=5)
+    records = [r for path in dead for r in read_segment(path).records]
+    assert len(records) == ROWS
+    assert all("user_id" in r["error"] for r in records)
+    assert_absent(segment_texts(spool), f"the dead letters ({mode})")
+
+
+# -- the key check and the formats, without BigQuery --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["api_key", "apiKey", "APIKey", "OPENAI_API_KEY", "x-api-key", "X-Api-Key", "password",
+     "DB_PASSWORD", "passwd", "accessToken", "refresh_token", "id_token", "clientSecret",
+     "client_secret", "privateKey", "private-key", "Ocp-Apim-Subscription-Key", "Authorization",
+     "Proxy-Authorization", "Cookie", "Set-Cookie", "secret", "aws_secret_access_key",
+     "AccountKey", "connectionString", "x-goog-api-key", "X-Amz-Security-Token", "credentials",
+     "my api key", "auth"],
+)  # fmt: skip
+def test_secret_looking_keys_in_every_spelling(key: str) -> None:
+    assert is_secret_key(key)
+    assert may_hold_secret_key(json.dumps({key: 1}))  # the prefilter lets it through
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["max_tokens", "ls_max_tokens", "total_tokens", "token_usage", "question", "author",
+     "primary_key", "keys", "model", "session_id", "passenger", "cache_key_prefix"],
+)  # fmt: skip
+def test_ordinary_keys_are_kept(key: str) -> None:
+    assert not is_secret_key(key)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_each_format_loses_its_secret_and_keeps_its_context(name: str) -> None:
+    text, secret = FORMATS[name]
+    out = remove_secrets(f"before {text} after")
+    assert secret not in out
+    assert out.startswith("before ") and out.endswith(" after") and "[SECRET]" in out
+
+
+def test_a_private_key_block_loses_every_line() -> None:
+    out = remove_secrets("key:\n" + PEM + "\nthanks")
+    assert not any(line in out for line in PEM_LINES)
+    assert out == "key:\n[SECRET]\nthanks"
+
+
+@pytest.mark.parametrize(
+    "prose",
+    ["bearer bonds are old", "a basic idea", "the token limit", "max_tokens: 256",
+     "the key: patience", "token usage was 12", "see https://example.com/a@b"],
+)  # fmt: skip
+def test_prose_that_only_resembles_a_credential_is_kept(prose: str) -> None:
+    assert remove_secrets(prose) == prose
+
+
+def planted_in(texts: list[str]) -> list[str]:
+    return [s for s in PLANTED if any(s in t for t in texts)]
+
+
+def test_the_checks_above_can_fail() -> None:
+    """The scan sees the planted strings when they are there: a row as LangChain gave it,
+    before the handler, holds every one."""
+    raw = [LEAKY_TEXT, *KEYED.values()]
+    assert planted_in(raw) == list(PLANTED)
+    with pytest.raises(AssertionError):
+        assert_absent(raw, "raw input")
