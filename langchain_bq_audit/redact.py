@@ -207,16 +207,27 @@ def _auth_header(match: re.Match[str]) -> str:
 _SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
 
 
-def _assignment(match: re.Match[str]) -> str:
+def _secret_assignment(match: re.Match[str]) -> bool:
     name, value = match.group(1), match.group(5)
     if value in (REMOVED, SECRET) or value.lower() in _SCHEMES:  # removed already, a scheme
-        return match.group()
+        return False
     start = match.start()
     if start and match.string[start - 1] == "\\":  # `\npassword=`: the name is `password`
         name = name[1:]
-    if not is_secret_key(name):
-        return match.group()
-    return match.group()[: match.start(5) - start] + SECRET
+    return is_secret_key(name)
+
+
+def _remove_assigned(text: str) -> str:
+    """`text` with the values of assignments to secret-looking names replaced."""
+    out: list[str] = []
+    done = pos = 0
+    while match := _ASSIGNMENT.search(text, pos):
+        if _secret_assignment(match):
+            out += (text[done : match.start(5)], SECRET)
+            done = pos = match.end()
+        else:  # go on after the separator: the value may be an assignment (`x: api_key=..`)
+            pos = match.end(2)
+    return "".join(out) + text[done:] if out else text
 
 
 def remove_secrets(text: str) -> str:
@@ -235,7 +246,7 @@ def remove_secrets(text: str) -> str:
     if ":" in text or "=" in text:
         for marker in KEY_MARKERS:
             if marker in lowered:
-                return _ASSIGNMENT.sub(_assignment, text)
+                return _remove_assigned(text)
     return text
 
 

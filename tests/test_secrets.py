@@ -146,7 +146,7 @@ def segment_texts(folder: Path) -> list[str]:
     """Each segment file's raw text, and every string of its records."""
     texts: list[str] = []
     for path in sorted(folder.rglob("*.seg")):
-        texts.append(path.read_text(encoding="utf-8"))
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
         for record in read_segment(path).records:
             texts += strings(record)
     return texts
