@@ -110,20 +110,23 @@ _SECRETS = re.compile(
         )
     )
 )
-# `Bearer x`, `Basic x`, `token x` (HTTP Authorization schemes), a credential of any length.
+# `Bearer x`, `Basic x`, `token x` (HTTP Authorization schemes), a credential of any length;
+# matched where `_replace_at` finds the scheme.
 _AUTH_HEADER = re.compile(_START + r"(bearer|basic|token)(\s+)([A-Za-z0-9._~+/=\-]+)", re.I)
-# `user:password@` in a URL (as detect-secrets' BasicAuthDetector): the password goes.
-_URL_CREDENTIALS = re.compile(r"(?i)([a-z][a-z0-9+.\-]*://[^\s/?#@:\"'\\]*:)([^\s/?#@\"'\\]+)(?=@)")
+# `user:password@` after a URL's `://` (as detect-secrets' BasicAuthDetector): the password.
+_URL_CREDENTIALS = re.compile(r"://[^\s/?#@:\"'\\]*:([^\s/?#@\"'\\]+)@")
 # `name=value`, `name: value`, `"name": "value"` (also JSON-escaped), `Name=value;` in a
-# connection string; the value goes when `is_secret_key(name)`. An HTTP scheme after the
-# separator (`Authorization: Bearer x`) is kept and the credential after it goes.
-_ASSIGNMENT = re.compile(
-    r"(?:(?<![\w.\-])|(?<=\\[nrtbf]))"
-    r"((?:[A-Za-z][\w.\-]*[ ])?[A-Za-z][\w.\-]*)"  # the name: one or two words
-    r"(\\?[\"']?[ \t]*[:=][ \t]*)"  # the separator, after a name's closing quote
-    r"((?i:bearer|basic|token|digest)[ \t]+)?"  # an HTTP scheme
-    r"(\\?[\"'])?"  # the value's opening quote: a quoted value may hold spaces
-    r"((?(4)[^\"'\\\n]+|[^\s\"'\\,;&<>()\[\]{}]+))"
+# connection string; the value goes when `is_secret_key(name)`. A pattern tried at every
+# position costs 40x as much as the literal scans on long text, so the scan starts from
+# each key marker (few): forward over its word (and maybe one more) to a separator, then
+# back from that separator to the whole name, matched on the reversed text.
+_TO_SEPARATOR = re.compile(r"[\w.\-]*(?:[ ][A-Za-z][\w.\-]*)?\\?[\"']?[ \t]*[:=]")
+_NAME_REVERSED = re.compile(r"[ \t]*[\"']?\\?([\w.\-]*[A-Za-z](?:[ ][\w.\-]*[A-Za-z])?)(?![\w.\-])")
+# After the separator: an HTTP scheme, kept (`Authorization: Bearer x`), then the value; a
+# quoted value may hold blanks.
+_VALUE = re.compile(
+    r"[ \t]*((?i:bearer|basic|token|digest)[ \t]+)?(\\?[\"'])?"
+    r"((?(2)[^\"'\\\n]+|[^\s\"'\\,;&<>()\[\]{}]+))"
 )
 
 
@@ -207,26 +210,78 @@ def _auth_header(match: re.Match[str]) -> str:
 _SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
 
 
-def _secret_assignment(match: re.Match[str]) -> bool:
-    name, value = match.group(1), match.group(5)
-    if value in (REMOVED, SECRET) or value.lower() in _SCHEMES:  # removed already, a scheme
-        return False
-    start = match.start()
-    if start and match.string[start - 1] == "\\":  # `\npassword=`: the name is `password`
-        name = name[1:]
-    return is_secret_key(name)
+def _assigned_name(text: str, reversed_text: str, at: int) -> str | None:
+    """The name assigned to by the separator at `at`, when it may be a secret's."""
+    match = _NAME_REVERSED.match(reversed_text, len(text) - at)
+    if match is None:
+        return None
+    name = match.group(1)[::-1]
+    end = match.end()
+    if end < len(text) and reversed_text[end] == "\\" and name[0] in "nrtbf":
+        name = name[1:]  # `\npassword=` in JSON text: the name is `password`
+    return name if is_secret_key(name) else None
 
 
-def _remove_assigned(text: str) -> str:
+def _separators(text: str, lowered: str) -> list[int]:
+    """Positions of the `:` or `=` after each word holding a key marker, in order."""
+    found: set[int] = set()
+    for marker in KEY_MARKERS:
+        at = lowered.find(marker)
+        while at >= 0:
+            match = _TO_SEPARATOR.match(text, at)
+            if match is not None:
+                found.add(match.end() - 1)
+            at = lowered.find(marker, at + len(marker))
+    return sorted(found)
+
+
+def _remove_assigned(text: str, lowered: str) -> str:
     """`text` with the values of assignments to secret-looking names replaced."""
+    separators = _separators(text, lowered)
+    if not separators:
+        return text
+    reversed_text = text[::-1]
     out: list[str] = []
-    done = pos = 0
-    while match := _ASSIGNMENT.search(text, pos):
-        if _secret_assignment(match):
-            out += (text[done : match.start(5)], SECRET)
-            done = pos = match.end()
-        else:  # go on after the separator: the value may be an assignment (`x: api_key=..`)
-            pos = match.end(2)
+    done = 0
+    for at in separators:
+        if at < done or _assigned_name(text, reversed_text, at) is None:
+            continue
+        value = _VALUE.match(text, at + 1)
+        if (
+            value is None
+            or value.group(3) in (REMOVED, SECRET)
+            or (
+                value.group(3).lower() in _SCHEMES  # `Authorization: Bearer [SECRET]`
+            )
+        ):
+            continue
+        out += (text[done : value.start(3)], SECRET)
+        done = value.end()
+    return "".join(out) + text[done:] if out else text
+
+
+def _password(match: re.Match[str]) -> str:
+    return match.group()[: match.start(1) - match.start()] + SECRET + "@"
+
+
+def _replace_at(
+    text: str,
+    haystack: str,
+    literal: str,
+    pattern: re.Pattern[str],
+    replace: Callable[[re.Match[str]], str],
+) -> str:
+    """`pattern.sub(replace, text)` for matches starting where `literal` is in `haystack`
+    (`text` or its lower case): a pattern tried only there, not at every position."""
+    out: list[str] = []
+    done = 0
+    at = haystack.find(literal)
+    while at >= 0:
+        match = pattern.match(text, at) if at >= done else None
+        if match is not None:
+            out += (text[done:at], replace(match))
+            done = match.end()
+        at = haystack.find(literal, at + 1)
     return "".join(out) + text[done:] if out else text
 
 
@@ -239,14 +294,14 @@ def remove_secrets(text: str) -> str:
     if _has_pattern_marker(text):
         text = _SECRETS.sub(SECRET, text)
     lowered = text.lower()
-    if "bearer" in lowered or "basic" in lowered or "token" in lowered:
-        text = _AUTH_HEADER.sub(_auth_header, text)
+    for scheme in _MARKERS_ANY_CASE:
+        if scheme in lowered:
+            text = _replace_at(text, lowered, scheme, _AUTH_HEADER, _auth_header)
+            lowered = text.lower()
     if "://" in text and "@" in text:
-        text = _URL_CREDENTIALS.sub(r"\1" + SECRET, text)
+        text = _replace_at(text, text, "://", _URL_CREDENTIALS, _password)
     if ":" in text or "=" in text:
-        for marker in KEY_MARKERS:
-            if marker in lowered:
-                return _remove_assigned(text)
+        return _remove_assigned(text, text.lower())
     return text
 
 
