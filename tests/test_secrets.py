@@ -38,6 +38,7 @@ KEYED = {
     "chain input Authorization": "chain-auth-Mw51",
     "chain output clientSecret": "chain-out-Kd02nRt",
     "tool output accessToken": "tool-out-Vb38sWm",
+    "tool-call input api_key": "toolcall-in-Zc64",
     "tool-call argument apiKey": "call-arg-Rf83kDs",
     "invocation param azureAdToken": "param-Gh26yNe",
     "metadata X-Api-Key": "meta-Jt67uBn",
@@ -62,6 +63,7 @@ FORMATS = {
         "AccountKey=c2VjcmV0LWFjY291bnQta2V5LXBsYW50ZWQ=;EndpointSuffix=core.windows.net",
         "c2VjcmV0LWFjY291bnQta2V5LXBsYW50ZWQ="),
     "sql connection string": ("Server=db;User Id=sa;Password=Sql-Pl4nted!;", "Sql-Pl4nted!"),
+    "password in an error": ("login failed: password=Err-Pl4nted", "Err-Pl4nted"),
     "short bearer": ("Authorization: Bearer abc123def456", "abc123def456"),
     "short basic": ("Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
     "openai key": ("sk-proj-plantedOpenAiKey0123456789", "sk-proj-plantedOpenAiKey0123456789"),
@@ -74,7 +76,7 @@ PEM = "-----BEGIN PRIVATE KEY-----\n" + "\n".join(PEM_LINES) + "\n-----END PRIVA
 PLANTED = (*KEYED.values(), *(secret for _, secret in FORMATS.values()), *PEM_LINES)
 # The text of the question and of the model's answer: every format, one a line.
 LEAKY_TEXT = "Please connect:\n" + "\n".join(text for text, _ in FORMATS.values()) + "\n" + PEM
-ROWS = 7  # sequence, prompt, model, parser, lambda; tool; retriever
+ROWS = 9  # sequence, prompt, model, parser, lambda; tool twice; retriever; failing lambda
 
 
 class PlantedRetriever(BaseRetriever):
@@ -119,7 +121,17 @@ def plant(handler: BigQueryAuditHandler) -> None:
         config=config,
     )  # fmt: skip
     lookup.invoke({"query": "Lisbon", "api_key": KEYED["tool argument api_key"]}, config=config)
+    # as an agent calls it: the output is a ToolMessage whose content is the dict as JSON text
+    lookup.invoke({"type": "tool_call", "name": "lookup", "id": "call-2",
+                   "args": {"query": "Porto", "api_key": KEYED["tool-call input api_key"]}},
+                  config=config)  # fmt: skip
     PlantedRetriever().invoke("onboarding", config=config)
+    with pytest.raises(ValueError):
+        RunnableLambda(fail).invoke("connect", config=config)
+
+
+def fail(_: str) -> None:
+    raise ValueError("could not connect:\n" + LEAKY_TEXT)
 
 
 def strings(value: Any) -> Iterator[str]:
@@ -168,7 +180,10 @@ def test_planted_secrets_never_reach_the_table(make_handler, read_rows, mode: st
     model = by_name["chat_model", "ScriptedChatModel"]
     assert model["invocation_params"]["azureAdToken"] == "<removed>"
     assert model["metadata"]["X-Api-Key"] == model["metadata"]["Cookie"] == "<removed>"
-    tool_row = by_name["tool", "lookup"]
+    tool_row, called_row = sorted((r for r in rows if r["run_type"] == "tool"),
+                                  key=lambda r: r["start_time"])  # fmt: skip
+    failed = by_name["chain", "fail"]
+    assert failed["status"] == "error" and "password=[SECRET]" in failed["error_message"]
     if mode == "metadata":
         assert model["tool_calls"] == [{"name": "lookup", "id": "call-1"}]
         assert tool_row["input_text"] == tool_row["output_text"] == ""
@@ -178,6 +193,9 @@ def test_planted_secrets_never_reach_the_table(make_handler, read_rows, mode: st
     assert json.loads(tool_row["input_text"]) == {"query": "Lisbon", "api_key": "<removed>"}
     assert json.loads(tool_row["output_text"]) == {"forecast": "sunny in Lisbon",
                                                    "accessToken": "<removed>"}  # fmt: skip
+    assert json.loads(called_row["input_text"]) == {"query": "Porto", "api_key": "<removed>"}
+    assert json.loads(called_row["output_text"]) == {"forecast": "sunny in Porto",
+                                                     "accessToken": "[SECRET]"}  # fmt: skip
     root = by_name["chain", "RunnableSequence"]
     question = json.loads(root["input_text"])
     assert (question["password"], question["Authorization"]) == ("<removed>", "<removed>")
