@@ -1,9 +1,10 @@
 """Secrets planted through real runnables never reach the table, the spool or the dead letters.
 
-The secrets are fixed literals, and each check looks for those exact strings: the product's
-own patterns are never the oracle. Values under secret-looking keys (tool arguments, chain
-inputs and outputs, tool-call arguments, invocation params, metadata, document metadata)
-are plain strings a pattern could not recognise, so only the key check can remove them.
+The secrets (tests/planted.py) are fixed literals, and each check looks for those exact
+strings: the product's own patterns are never the oracle. Values under secret-looking keys
+(tool arguments, chain inputs and outputs, tool-call arguments, invocation params, metadata,
+document metadata) are plain strings a pattern could not recognise, so only the key check
+can remove them. The key check and the formats alone: tests/unit/test_redact_unit.py.
 """
 
 from __future__ import annotations
@@ -24,58 +25,13 @@ from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 
 from langchain_bq_audit import BigQueryAuditHandler
-from langchain_bq_audit.redact import is_secret_key, may_hold_secret_key, remove_secrets
 from langchain_bq_audit.spool import read_segment
 
 from .conftest import create_table_with_required_user, wait_for
 from .models import ScriptedChatModel
+from .planted import KEYED, LEAKY_TEXT, PLANTED
 from .proxy import FaultProxy
 
-# Values under secret-looking keys, in the spellings the keys come in.
-KEYED = {
-    "tool argument api_key": "tool-arg-4f9Qz81",
-    "chain input password": "chain-pw-Hx72pLq",
-    "chain input Authorization": "chain-auth-Mw51",
-    "chain output clientSecret": "chain-out-Kd02nRt",
-    "tool output accessToken": "tool-out-Vb38sWm",
-    "tool-call input api_key": "toolcall-in-Zc64",
-    "tool-call argument apiKey": "call-arg-Rf83kDs",
-    "invocation param azureAdToken": "param-Gh26yNe",
-    "metadata X-Api-Key": "meta-Jt67uBn",
-    "metadata Cookie": "meta-cookie-Lm40cZo",
-    "document metadata privateKey": "doc-meta-Pq55vXe",
-    "document metadata Ocp-Apim-Subscription-Key": "doc-meta-Ws19aYc",
-}
-# Credentials inside text: (the text as a user or model writes it, the part that must go).
-FORMATS = {
-    "url credentials": ("postgres://deploy:Tr0ub4dor-url@db.internal:5432/app", "Tr0ub4dor-url"),
-    "password assignment": ("password=Hunter2-assign", "Hunter2-assign"),
-    "api_key assignment": ("api_key=ak-assign-93jd", "ak-assign-93jd"),
-    "token colon": ("token: tk-colon-55qa", "tk-colon-55qa"),
-    "google access token": ("ya29.a0AfH6SMBplantedAccessToken0123456789",
-                            "ya29.a0AfH6SMBplantedAccessToken0123456789"),
-    "google client secret": ("GOCSPX-plantedClientSecret0123456789",
-                             "GOCSPX-plantedClientSecret0123456789"),
-    "slack webhook": ("https://hooks.slack.com/services/T0PLANTED/B0PLANTED/webhookSecret0123456",
-                      "webhookSecret0123456"),
-    "azure connection string": (
-        "DefaultEndpointsProtocol=https;AccountName=acme;"
-        "AccountKey=c2VjcmV0LWFjY291bnQta2V5LXBsYW50ZWQ=;EndpointSuffix=core.windows.net",
-        "c2VjcmV0LWFjY291bnQta2V5LXBsYW50ZWQ="),
-    "sql connection string": ("Server=db;User Id=sa;Password=Sql-Pl4nted!;", "Sql-Pl4nted!"),
-    "password in an error": ("login failed: password=Err-Pl4nted", "Err-Pl4nted"),
-    "short bearer": ("Authorization: Bearer abc123def456", "abc123def456"),
-    "short basic": ("Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
-    "openai key": ("sk-proj-plantedOpenAiKey0123456789", "sk-proj-plantedOpenAiKey0123456789"),
-    "aws access key id": ("AKIAPLANTEDX01234567", "AKIAPLANTEDX01234567"),
-}  # fmt: skip
-# A private key block: each of its lines must go, compared line by line (not as one string
-# whose line breaks an encoder would have escaped).
-PEM_LINES = ("MIIEplantedPemBodyLineOne0123", "MIIEplantedPemBodyLineTwo4567")
-PEM = "-----BEGIN PRIVATE KEY-----\n" + "\n".join(PEM_LINES) + "\n-----END PRIVATE KEY-----"
-PLANTED = (*KEYED.values(), *(secret for _, secret in FORMATS.values()), *PEM_LINES)
-# The text of the question and of the model's answer: every format, one a line.
-LEAKY_TEXT = "Please connect:\n" + "\n".join(text for text, _ in FORMATS.values()) + "\n" + PEM
 ROWS = 9  # sequence, prompt, model, parser, lambda; tool twice; retriever; failing lambda
 
 
@@ -251,55 +207,6 @@ def test_planted_secrets_never_reach_the_dead_letters(
     assert len(records) == ROWS
     assert all("user_id" in r["error"] for r in records)
     assert_absent(segment_texts(spool), f"the dead letters ({mode})")
-
-
-# -- the key check and the formats, without BigQuery --------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "key",
-    ["api_key", "apiKey", "APIKey", "OPENAI_API_KEY", "x-api-key", "X-Api-Key", "password",
-     "DB_PASSWORD", "passwd", "accessToken", "refresh_token", "id_token", "clientSecret",
-     "client_secret", "privateKey", "private-key", "Ocp-Apim-Subscription-Key", "Authorization",
-     "Proxy-Authorization", "Cookie", "Set-Cookie", "secret", "aws_secret_access_key",
-     "AccountKey", "connectionString", "x-goog-api-key", "X-Amz-Security-Token", "credentials",
-     "my api key", "auth"],
-)  # fmt: skip
-def test_secret_looking_keys_in_every_spelling(key: str) -> None:
-    assert is_secret_key(key)
-    assert may_hold_secret_key(json.dumps({key: 1}))  # the prefilter lets it through
-
-
-@pytest.mark.parametrize(
-    "key",
-    ["max_tokens", "ls_max_tokens", "total_tokens", "token_usage", "question", "author",
-     "primary_key", "keys", "model", "session_id", "passenger", "cache_key_prefix"],
-)  # fmt: skip
-def test_ordinary_keys_are_kept(key: str) -> None:
-    assert not is_secret_key(key)
-
-
-@pytest.mark.parametrize("name", sorted(FORMATS))
-def test_each_format_loses_its_secret_and_keeps_its_context(name: str) -> None:
-    text, secret = FORMATS[name]
-    out = remove_secrets(f"before {text} after")
-    assert secret not in out
-    assert out.startswith("before ") and out.endswith(" after") and "[SECRET]" in out
-
-
-def test_a_private_key_block_loses_every_line() -> None:
-    out = remove_secrets("key:\n" + PEM + "\nthanks")
-    assert not any(line in out for line in PEM_LINES)
-    assert out == "key:\n[SECRET]\nthanks"
-
-
-@pytest.mark.parametrize(
-    "prose",
-    ["bearer bonds are old", "a basic idea", "the token limit", "max_tokens: 256",
-     "the key: patience", "token usage was 12", "see https://example.com/a@b"],
-)  # fmt: skip
-def test_prose_that_only_resembles_a_credential_is_kept(prose: str) -> None:
-    assert remove_secrets(prose) == prose
 
 
 def planted_in(texts: list[str]) -> list[str]:

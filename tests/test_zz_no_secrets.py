@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from .planted import PLANTED
 from .test_privacy import PII
-from .test_secrets import PLANTED, segment_texts
+from .test_secrets import segment_texts
 
 # Secrets the suite hands to LangChain on purpose (SecretStr fields, prompts, metadata, tool
 # arguments), each as the exact string that must not be written.
