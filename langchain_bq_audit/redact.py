@@ -1,7 +1,9 @@
 """Keeping secrets and personal data out of rows: capture modes, redactors, pseudonymous users.
 
 Runs on the writer thread, on the built row, before the row can reach the spool or
-BigQuery. In every mode credentials in known formats are replaced by `[SECRET]`:
+BigQuery. In every mode credentials in known formats are replaced by `[SECRET]` (and, as
+structures become JSON, values under secret-looking keys by `<removed>`, see
+`is_secret_key`):
 
 - `full`: text is kept as it came, but for those credentials;
 - `redacted`: e-mail addresses, phone numbers, card numbers (Luhn-checked) are replaced
@@ -12,6 +14,7 @@ BigQuery. In every mode credentials in known formats are replaced by `[SECRET]`:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -29,9 +32,63 @@ TEXT_COLUMNS = (
     "tool_calls", "metadata", "invocation_params",
 )  # fmt: skip
 
+#: What replaces a credential found in text, and the value under a secret-looking key.
+SECRET = "[SECRET]"
+REMOVED = "<removed>"
+
+# -- secret-looking keys ------------------------------------------------------------------------
+# One check for every key: dict keys of whatever becomes JSON (rows.to_jsonable: inputs,
+# outputs, metadata, invocation params, tool-call args, document metadata) and the names of
+# `name=value` / `name: value` assignments inside text. A key is normalised (camelCase split,
+# lower case, any run of other characters one `_`) and judged by its last word or two, so
+# `accessToken`, `X-Api-Key`, `Ocp-Apim-Subscription-Key` and `DB_PASSWORD` are secret, and
+# `max_tokens`, `token_usage` or `primary_key_id` are not. The words follow detect-secrets'
+# KeywordDetector denylist and gitleaks' generic-api-key keywords.
+_KEY_LAST_WORDS = frozenset({
+    "password", "passwd", "pwd", "pass", "passphrase", "secret", "token", "apikey", "auth",
+    "authorization", "cookie", "credential", "credentials", "secretkey", "privatekey",
+    "accesstoken", "refreshtoken", "authtoken", "clientsecret", "sessionkey",
+})  # fmt: skip
+_KEY_LAST_PAIRS = frozenset({
+    "api_key", "private_key", "secret_key", "access_key", "account_key", "subscription_key",
+    "signing_key", "encryption_key", "master_key", "auth_key", "session_key", "client_key",
+    "service_key", "ssh_key", "pass_word", "connection_string", "conn_str", "key_pass",
+})  # fmt: skip
+#: Literals (lower case) every secret-looking key holds: a text without one of them holds
+#: no secret key, so neither the key walk nor the assignment pattern needs to run.
+KEY_MARKERS = ("pass", "pwd", "secret", "token", "key", "auth", "cookie", "credential", "conn")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+_secret_keys: dict[str, bool] = {}  # the same few keys come in every run's metadata
+
+
+def _judge_key(key: str) -> bool:
+    words = [w for w in _NOT_ALNUM.split(_CAMEL.sub("_", key).lower()) if w]
+    return bool(words) and (words[-1] in _KEY_LAST_WORDS or "_".join(words[-2:]) in _KEY_LAST_PAIRS)
+
+
+def is_secret_key(key: str) -> bool:
+    """True for keys that usually hold credentials, in any spelling: `api_key`, `apiKey`,
+    `X-Api-Key`, `clientSecret`, `Authorization`, `Cookie`; False for `max_tokens`."""
+    known = _secret_keys.get(key)
+    if known is None:
+        known = _judge_key(key)
+        if len(_secret_keys) < 10_000:  # bounded: keys can be data, e.g. ids
+            _secret_keys[key] = known
+    return known
+
+
+def may_hold_secret_key(text: str) -> bool:
+    """False only when `text` (e.g. JSON) cannot hold a key `is_secret_key` accepts."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in KEY_MARKERS)
+
+
+# -- credentials in text ------------------------------------------------------------------------
 # Where a credential may start: not inside a word, but also right after a JSON escape such
 # as `\n`, since messages and dict inputs are scanned as JSON text ("a\nsk-..." is
 # `a\\nsk-...` there, and `\b` sees no word boundary between the `n` and the `s`).
+# Formats adapted from gitleaks' rules (MIT) and Nosey Parker's (Apache-2.0).
 _START = r"(?:(?<!\w)|(?<=\\[nrtbf]))"
 _SECRETS = re.compile(
     "|".join(
@@ -43,19 +100,36 @@ _SECRETS = re.compile(
             _START + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe
             _START + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})",  # GitHub
             _START + r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
+            r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{20,}",
             _START + r"AIza[0-9A-Za-z_\-]{35}",  # Google API key
+            _START + r"ya29\.[0-9A-Za-z_\-]{20,}",  # Google OAuth access token
+            _START + r"GOCSPX-[0-9A-Za-z_\-]{20,}",  # Google OAuth client secret
             _START + r"hf_[A-Za-z0-9]{30,}",  # Hugging Face
             _START + r"(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
             _START + r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
         )
     )
 )
-_AUTH_HEADER = re.compile(
-    _START + r"(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=\-]{16,}", re.IGNORECASE
+# `Bearer x`, `Basic x`, `token x` (HTTP Authorization schemes), a credential of any length;
+# matched where `_replace_at` finds the scheme.
+_AUTH_HEADER = re.compile(_START + r"(bearer|basic|token)(\s+)([A-Za-z0-9._~+/=\-]+)", re.I)
+# `user:password@` after a URL's `://` (as detect-secrets' BasicAuthDetector): the password.
+_URL_CREDENTIALS = re.compile(r"://[^\s/?#@:\"'\\]*:([^\s/?#@\"'\\]+)@")
+# `name=value`, `name: value`, `"name": "value"` (also JSON-escaped), `Name=value;` in a
+# connection string; the value goes when `is_secret_key(name)`. A pattern tried at every
+# position costs 40x as much as the literal scans on long text, so the scan starts from
+# each key marker (few): forward over its word (and maybe one more) to a separator, then
+# back from that separator to the whole name, matched on the reversed text.
+_TO_SEPARATOR = re.compile(r"[\w.\-]*(?:[ ][A-Za-z][\w.\-]*)?\\?[\"']?[ \t]*[:=]")
+_NAME_REVERSED = re.compile(r"[ \t]*[\"']?\\?([\w.\-]*[A-Za-z](?:[ ][\w.\-]*[A-Za-z])?)(?![\w.\-])")
+# After the separator: an HTTP scheme, kept (`Authorization: Bearer x`), then the value; a
+# quoted value may hold blanks.
+_VALUE = re.compile(
+    r"[ \t]*((?i:bearer|basic|token|digest)[ \t]+)?(\\?[\"'])?"
+    r"((?(2)[^\"'\\\n]+|[^\s\"'\\,;&<>()\[\]{}]+))"
 )
-_AWS_SECRET = re.compile(
-    r"(?i)(secret_access_key|aws_secret)([\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9/+=]{40}"
-)
+
+
 # An address starts after a JSON escape or a character an address cannot hold.
 _EMAIL = re.compile(
     r"(?:(?<=\\[nrtbf])|(?<![A-Za-z0-9._%+\-\\]))"
@@ -70,18 +144,18 @@ _PHONE = re.compile(
 
 # Literals every credential pattern above contains. Substring scans are ~10x faster than
 # the patterns on long text (Python's regex engine tries each alternative at every
-# position), so the patterns run only on text holding one of these. Most literals hold a
-# `-` or `_`: a one-character scan (memchr) for those skips their group when absent.
+# position), so a pattern runs only on text holding one of its literals. Most literals hold
+# a `-`, `_` or `.`: a one-character scan (memchr) for those skips their group when absent.
 _MARKERS = ("AIza", "AKIA", "ASIA", "eyJ")
-_MARKERS_DASH = ("-----BEGIN", "sk-", "xox")  # Slack's `xox?-`
+_MARKERS_DASH = ("-----BEGIN", "sk-", "xox", "GOCSPX-")  # Slack's `xox?-`
 _MARKERS_UNDERSCORE = (
     "sk_", "rk_", "pk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "hf_",
 )  # fmt: skip
+_MARKERS_DOT = ("ya29.", "hooks.slack.com")
 _MARKERS_ANY_CASE = ("bearer", "basic", "token")
-_MARKERS_ANY_CASE_UNDERSCORE = ("secret_access_key", "aws_secret")
 
 
-def _may_hold_secret(text: str) -> bool:
+def _has_pattern_marker(text: str) -> bool:
     # plain loops: `any()` over a generator costs twice as much on short text
     for marker in _MARKERS:
         if marker in text:
@@ -90,25 +164,145 @@ def _may_hold_secret(text: str) -> bool:
         for marker in _MARKERS_DASH:
             if marker in text:
                 return True
-    underscore = "_" in text
-    if underscore:
+    if "_" in text:
         for marker in _MARKERS_UNDERSCORE:
             if marker in text:
                 return True
+    if "." in text:
+        for marker in _MARKERS_DOT:
+            if marker in text:
+                return True
+    return False
+
+
+def _may_hold_secret(text: str) -> bool:
+    """False only when no pattern of `remove_secrets` can match `text`."""
+    if _has_pattern_marker(text) or ("://" in text and "@" in text):
+        return True
     lowered = text.lower()
-    for marker in _MARKERS_ANY_CASE_UNDERSCORE if underscore else ():
+    for marker in _MARKERS_ANY_CASE:
         if marker in lowered:
             return True
-    return any(marker in lowered for marker in _MARKERS_ANY_CASE)
+    return (":" in text or "=" in text) and any(marker in lowered for marker in KEY_MARKERS)
+
+
+def _base64_pair(text: str) -> bool:
+    """True when `text` is base64 of `user:password` (an HTTP Basic credential)."""
+    if len(text) % 4:
+        return False
+    try:
+        return b":" in base64.b64decode(text, validate=True)
+    except ValueError:
+        return False
+
+
+def _auth_header(match: re.Match[str]) -> str:
+    scheme, space, credential = match.groups()
+    kind = scheme.lower()
+    if len(credential) < 16:  # short: keep words of prose ("bearer bonds", "basic idea")
+        if kind == "token" or (kind == "basic" and not _base64_pair(credential)):
+            return match.group()
+        if kind == "bearer" and credential.isalpha() and credential.islower():
+            return match.group()
+    return f"{scheme}{space}{SECRET}"
+
+
+_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})
+
+
+def _assigned_name(text: str, reversed_text: str, at: int) -> str | None:
+    """The name assigned to by the separator at `at`, when it may be a secret's."""
+    match = _NAME_REVERSED.match(reversed_text, len(text) - at)
+    if match is None:
+        return None
+    name = match.group(1)[::-1]
+    end = match.end()
+    if end < len(text) and reversed_text[end] == "\\" and name[0] in "nrtbf":
+        name = name[1:]  # `\npassword=` in JSON text: the name is `password`
+    return name if is_secret_key(name) else None
+
+
+def _separators(text: str, lowered: str) -> list[int]:
+    """Positions of the `:` or `=` after each word holding a key marker, in order."""
+    found: set[int] = set()
+    for marker in KEY_MARKERS:
+        at = lowered.find(marker)
+        while at >= 0:
+            match = _TO_SEPARATOR.match(text, at)
+            if match is not None:
+                found.add(match.end() - 1)
+            at = lowered.find(marker, at + len(marker))
+    return sorted(found)
+
+
+def _remove_assigned(text: str, lowered: str) -> str:
+    """`text` with the values of assignments to secret-looking names replaced."""
+    separators = _separators(text, lowered)
+    if not separators:
+        return text
+    reversed_text = text[::-1]
+    out: list[str] = []
+    done = 0
+    for at in separators:
+        if at < done or _assigned_name(text, reversed_text, at) is None:
+            continue
+        value = _VALUE.match(text, at + 1)
+        if (
+            value is None
+            or value.group(3) in (REMOVED, SECRET)
+            or (
+                value.group(3).lower() in _SCHEMES  # `Authorization: Bearer [SECRET]`
+            )
+        ):
+            continue
+        out += (text[done : value.start(3)], SECRET)
+        done = value.end()
+    return "".join(out) + text[done:] if out else text
+
+
+def _password(match: re.Match[str]) -> str:
+    return match.group()[: match.start(1) - match.start()] + SECRET + "@"
+
+
+def _replace_at(
+    text: str,
+    haystack: str,
+    literal: str,
+    pattern: re.Pattern[str],
+    replace: Callable[[re.Match[str]], str],
+) -> str:
+    """`pattern.sub(replace, text)` for matches starting where `literal` is in `haystack`
+    (`text` or its lower case): a pattern tried only there, not at every position."""
+    out: list[str] = []
+    done = 0
+    at = haystack.find(literal)
+    while at >= 0:
+        match = pattern.match(text, at) if at >= done else None
+        if match is not None:
+            out += (text[done:at], replace(match))
+            done = match.end()
+        at = haystack.find(literal, at + 1)
+    return "".join(out) + text[done:] if out else text
 
 
 def remove_secrets(text: str) -> str:
-    """Replace credentials in known formats (API keys, tokens, private keys) by `[SECRET]`."""
+    """Replace credentials by `[SECRET]`: API keys and tokens in known formats, private key
+    blocks, bearer and basic credentials, passwords in URLs, and the values of assignments
+    to secret-looking names (`password=...`, `"api_key": "..."`, `AccountKey=...;`)."""
     if not _may_hold_secret(text):
         return text
-    text = _SECRETS.sub("[SECRET]", text)
-    text = _AUTH_HEADER.sub(r"\1\2[SECRET]", text)
-    return _AWS_SECRET.sub(r"\1\2[SECRET]", text)
+    if _has_pattern_marker(text):
+        text = _SECRETS.sub(SECRET, text)
+    lowered = text.lower()
+    for scheme in _MARKERS_ANY_CASE:
+        if scheme in lowered:
+            text = _replace_at(text, lowered, scheme, _AUTH_HEADER, _auth_header)
+            lowered = text.lower()
+    if "://" in text and "@" in text:
+        text = _replace_at(text, text, "://", _URL_CREDENTIALS, _password)
+    if ":" in text or "=" in text:
+        return _remove_assigned(text, text.lower())
+    return text
 
 
 def luhn_ok(digits: str) -> bool:
@@ -165,7 +359,8 @@ def _metadata_only(row: dict[str, Any]) -> None:
         ("input_text", "input_sha256", "input_chars"),
         ("output_text", "output_sha256", "output_chars"),
     ):
-        text = row.get(text_key) or ""
+        # credentials out first: a hash of a short secret could be looked up
+        text = remove_secrets(row.get(text_key) or "")
         row[hash_key] = sha256(text)
         row[size_key] = len(text)
         row[text_key] = ""
@@ -220,7 +415,8 @@ def redact_row(
             except ValueError:  # a redactor broke the JSON: keep it, as a JSON string
                 new = json.dumps(new)
         row[key] = new
-    if mode != "full" and row.get("tags"):
-        row["tags"] = [_apply(t, steps) for t in row["tags"]]
+    if row.get("tags"):
+        row["tags"] = [_apply(t, steps) if mode != "full" or _may_hold_secret(t) else t
+                       for t in row["tags"]]  # fmt: skip
     if user_key and row.get("user_id"):
         row["user_id"] = pseudonym(row["user_id"], user_key)

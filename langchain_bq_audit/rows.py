@@ -23,7 +23,7 @@ from uuid import UUID
 
 from .context import SESSION_KEYS, USER_KEYS
 from .records import RunRecord, is_graph_bubble_up
-from .redact import capture, redact_row
+from .redact import REMOVED, capture, is_secret_key, may_hold_secret_key, redact_row
 from .schema import JSON_COLUMNS
 from .settings import AuditSettings
 
@@ -32,11 +32,6 @@ _MAX_DEPTH = 32
 _MAX_ITEMS = 10_000  # items kept of one list or dict in JSON columns
 _MAX_EXACT_INT = 2**53
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
-_SECRET_NAMES = frozenset(
-    {"api_key", "apikey", "token", "password", "passwd", "secret", "authorization", "auth"}
-)
-_SECRET_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_token", "_credentials")
-_secret_keys: dict[str, bool] = {}  # the same few keys come in every run's metadata
 _class_attrs: dict[tuple[type, str], bool] = {}  # (message type, attribute): on the class?
 _id_text: dict[UUID, str] = {}  # a trace's ids recur in its other rows (parent, trace)
 _DEFAULT_SETTINGS = AuditSettings()
@@ -101,17 +96,6 @@ def iso(ts: float) -> str:
     return f"{text}.{micros:06d}+00:00"
 
 
-def is_secret_key(key: str) -> bool:
-    """True for keys that usually hold credentials (but not e.g. `max_tokens`)."""
-    known = _secret_keys.get(key)
-    if known is None:
-        k = key.lower().replace("-", "_")
-        known = k in _SECRET_NAMES or k.endswith(_SECRET_SUFFIXES)
-        if len(_secret_keys) < 10_000:  # bounded: keys can be data, e.g. ids
-            _secret_keys[key] = known
-    return known
-
-
 def clean_text(text: str) -> str:
     """`text` as valid UTF-8: lone surrogates (from undecodable bytes) become U+FFFD."""
     if text.isascii():
@@ -174,7 +158,7 @@ def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
                 out["<more keys>"] = len(value) - _MAX_ITEMS
                 break
             key = k if isinstance(k, str) else str(to_jsonable(k, depth, seen))
-            out[key] = "<removed>" if is_secret_key(key) else to_jsonable(v, depth, seen)
+            out[key] = REMOVED if is_secret_key(key) else to_jsonable(v, depth, seen)
         return out
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [to_jsonable(v, depth, seen) for v in itertools.islice(value, _MAX_ITEMS)]
@@ -190,7 +174,7 @@ def _container_to_jsonable(value: Any, depth: int, seen: set[int]) -> Any:
         mime = next((m for magic, m in _SNIFF_BYTES if head.startswith(magic)), "")
         return _placeholder(mime, len(value))
     if type(value).__name__ in ("SecretStr", "SecretBytes"):
-        return "<removed>"
+        return REMOVED
     if _is_message(value):
         return message_dict(value)
     dump = getattr(value, "model_dump", None)  # pydantic models
@@ -389,9 +373,12 @@ def text_value(text: str) -> str:
 
 
 def json_text(value: Any) -> str:
-    """Compact JSON of any value with media replaced by placeholders; never raises."""
-    text = dumps(value)  # the fast path: most values hold no media
-    if len(text) > 64 and ("data:" in text or _BASE64_RUN.search(text)):
+    """Compact JSON of any value with media replaced by placeholders and the values of
+    secret-looking keys removed at any depth; never raises."""
+    text = dumps(value)  # the fast path: most values hold no media and no secret-looking key
+    if (len(text) > 64 and ("data:" in text or _BASE64_RUN.search(text))) or (
+        may_hold_secret_key(text)  # `to_jsonable` checks every key
+    ):
         text = dumps(to_jsonable(value))
     return text
 
@@ -406,8 +393,10 @@ def render(value: Any) -> str:
         return content_text(value.content)
     if isinstance(value, Mapping):
         if len(value) == 1:
-            only = next(iter(value.values()))
-            if isinstance(only, str) or _is_message(only):
+            key, only = next(iter(value.items()))
+            if (isinstance(only, str) or _is_message(only)) and not (
+                isinstance(key, str) and is_secret_key(key)
+            ):
                 return render(only)
         return json_text(value)
     if isinstance(value, (list, tuple)) and value and all(_is_message(v) for v in value):
