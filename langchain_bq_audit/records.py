@@ -30,6 +30,7 @@ class RunRecord:
         "context",
         "end_time",
         "error",
+        "event_id",
         "first_token_time",
         "inputs",
         "invocation_params",
@@ -80,6 +81,7 @@ class RunRecord:
         self.end_time: float | None = None
         self.outputs: Any = None
         self.error: BaseException | None = None
+        self.event_id: str | None = None  # the row's id, given when it is first built or sent
         self.status = "ok"
         # Defaults from `audit_context` or the handler; metadata wins when rows are built.
         self.session_id: str | int | None = None

@@ -79,6 +79,15 @@ def new_event_id() -> str:
     return f"{_event_prefix}{next(_event_count) & 0xFFFFFFFFFFFF:012x}"
 
 
+def event_id(rec: RunRecord) -> str:
+    """The run's row id, given once: a run built twice (in the application and, from its
+    pickled copy, in the writer process) gives two copies of one row, which dedup merges."""
+    eid = rec.event_id
+    if eid is None:
+        eid = rec.event_id = new_event_id()
+    return eid
+
+
 _last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
 
 
@@ -750,7 +759,7 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         "output_text": "",
         "user_id": user,
         "session_id": session,
-        "event_id": new_event_id(),
+        "event_id": event_id(rec),
         "run_id": run_id,
         "parent_run_id": _id(rec.parent_run_id) if rec.parent_run_id else None,
         "trace_id": run_id if rec.trace_id == rec.run_id else _id(rec.trace_id),
@@ -847,7 +856,7 @@ def _minimal_row(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
             "timestamp": iso(rec.end_time or rec.start_time),
             "input_text": "",
             "output_text": "",
-            "event_id": new_event_id(),
+            "event_id": event_id(rec),
             "run_id": str(rec.run_id),
             "run_type": str(rec.run_type),
             "status": str(rec.status),

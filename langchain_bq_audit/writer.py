@@ -134,7 +134,8 @@ class RunQueue:
                 return
 
     def _sweep(self) -> None:
-        self._records.extend(self.tracker.sweep(time.time()))
+        for rec in self.tracker.sweep(time.time()):
+            self.submit(rec)  # counted accepted like any run
 
     def _abandon_pending(self) -> None:
         """At close (and so at exit and SIGTERM): runs still in flight leave a row too."""

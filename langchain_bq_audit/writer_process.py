@@ -37,7 +37,7 @@ from uuid import UUID
 
 from .records import RunRecord
 from .registry import get_writer
-from .rows import error_text, run_status, to_jsonable
+from .rows import error_text, new_event_id, run_status, to_jsonable
 from .settings import AuditSettings
 from .tracker import RunTracker
 from .writer import COUNTERS, SETTLED, RunQueue, Writer
@@ -110,6 +110,8 @@ def _reduce_record(rec: RunRecord) -> tuple[Any, ...]:
                                                              rec.trace_id))  # fmt: skip
     # the error crosses as its name and message (`reducer_override`), so a cancellation is
     # told here, where its type is still known
+    if rec.event_id is None:  # given here, so a copy built in this process has the same id
+        rec.event_id = new_event_id()
     return _record, (ids, rec.error, run_status(rec), _get_rest(rec))
 
 

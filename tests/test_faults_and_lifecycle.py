@@ -68,7 +68,7 @@ def test_emulator_host_env_points_the_default_client(
     handler = BigQueryAuditHandler(batch_age_s=0.05)
     assert handler.settings.table == table
     FakeListChatModel(responses=["via env"]).invoke("q", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=120)  # the first write creates the table: slow when loaded
     handler.close()
 
     rows = query(bq_client, f"SELECT output_text FROM `local.language_model_logging.{table}`")

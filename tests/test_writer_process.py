@@ -144,8 +144,10 @@ if sys.argv[2] == "wait":
 
 
 def run_script(emulator: Any, table: str, mode: str, **options: Any) -> subprocess.Popen[str]:
+    # the exit drain's deadline is not the point of these scripts: a long one, for a loaded
+    # machine (its first write also creates the table)
     options = {"table": table, "project": emulator.project, "emulator_host": emulator.endpoint,
-               **options}  # fmt: skip
+               "shutdown_timeout_s": 60, **options}  # fmt: skip
     import json
 
     return subprocess.Popen(
