@@ -8,6 +8,7 @@ append). Text, JSON and usage are built later, on the writer thread, by `rows.py
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,18 @@ logger = logging.getLogger(__name__)
 _MISSING = object()
 
 
+def _hides_others() -> frozenset[Any]:
+    """Code objects of langchain-core callback paths where being inline hides other handlers'
+    events: `AsyncCallbackManager.on_llm_start` (langchain-ai/langchain#39633) sends the start
+    of an async completion-LLM call only to the inline handlers when there are any."""
+    from langchain_core.callbacks.manager import AsyncCallbackManager
+
+    return frozenset({AsyncCallbackManager.on_llm_start.__code__})
+
+
+_HIDES_OTHERS = _hides_others()
+
+
 class BigQueryAuditHandler(BaseCallbackHandler):
     """Writes one BigQuery row per finished LLM, chat model, chain, tool and retriever run.
 
@@ -45,8 +58,24 @@ class BigQueryAuditHandler(BaseCallbackHandler):
     them (a global and an explicit handler, say) gives one row. Handlers are cheap to make.
     """
 
-    run_inline = True  # called in the caller's thread or event loop: no executor hop
     raise_error = False
+
+    @property
+    def run_inline(self) -> bool:  # type: ignore[override]  # an attribute in the base class
+        """True (called in the caller's event loop, never through LangChain's thread pool),
+        except when the code asking is one where that would hide other handlers' events.
+
+        Being inline there would cost every other handler the start of async completion-LLM
+        calls (`astream_events`, `astream_log`, tracers). There our handler is counted with
+        the non-inline ones, which LangChain then hands to `ahandle_event`, where it asks
+        again and is called inline. Plain `run_inline = False` would avoid that too, but its
+        thread pool hop costs +80% on a small `ainvoke` (see benchmarks `dispatch`). Python
+        3.11 and older read the attribute from the list comprehension's own frame.
+        """
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "<listcomp>":
+            frame = frame.f_back  # type: ignore[assignment]
+        return frame.f_code not in _HIDES_OTHERS
 
     def __init__(
         self,
