@@ -341,6 +341,61 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from .global_hook import BOOTSTRAP_DIR, ENV_VAR
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("bq-audit: run needs a command, e.g. bq-audit run -- python app.py", file=sys.stderr)
+        return 2
+    env = os.environ
+    env[ENV_VAR] = "true"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (BOOTSTRAP_DIR, env.get("PYTHONPATH")) if p)
+    for option, var in (("endpoint", "EMULATOR_HOST"), ("project", "PROJECT"),
+                        ("dataset", "DATASET"), ("table", "TABLE")):  # fmt: skip
+        value = getattr(args, option)
+        if value:
+            env[f"BQ_AUDIT_{var}"] = value
+    try:
+        os.execvp(command[0], command)  # replaces this process: signals and exit code are CMD's
+    except OSError as exc:
+        print(f"bq-audit: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 0  # pragma: no cover - execvp does not return
+
+
+def _site_packages(args: argparse.Namespace) -> Path:
+    import sysconfig
+
+    return Path(args.site_packages or sysconfig.get_paths()["purelib"])
+
+
+def _cmd_install_hook(args: argparse.Namespace) -> int:
+    from .global_hook import ENV_VAR, PTH_LINE, PTH_NAME
+
+    path = _site_packages(args) / PTH_NAME
+    path.write_text(PTH_LINE)
+    print(f"wrote {path}: every Python of this environment audits its LangChain runs when "
+          f"{ENV_VAR}=true (bq-audit uninstall-hook removes it)")  # fmt: skip
+    return 0
+
+
+def _cmd_uninstall_hook(args: argparse.Namespace) -> int:
+    from .global_hook import PTH_NAME
+
+    path = _site_packages(args) / PTH_NAME
+    if not path.exists():
+        print(f"no hook at {path}")
+        return 0
+    path.unlink()
+    print(f"removed {path}")
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     if args.format == "markdown":
         print(schema.to_markdown())
@@ -477,6 +532,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     key.add_argument("file", help="where to write the private key (never overwritten)")
     key.set_defaults(func=_cmd_keygen)
+
+    run = add(
+        "run",
+        "Run a command with every LangChain run of it, and of the Python processes it starts "
+        "(uvicorn and gunicorn workers too), audited: no code change.",
+        "bq-audit run -- uvicorn app:api --workers 4",
+    )
+    _add_destination(run, endpoint=True)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    run.set_defaults(func=_cmd_run)
+
+    for name, help_, func in (
+        ("install-hook", "Make LANGCHAIN_BQ_AUDIT=true alone audit every Python of this "
+         "environment: writes a one-line .pth file into site-packages.", _cmd_install_hook),
+        ("uninstall-hook", "Remove the .pth file install-hook wrote.", _cmd_uninstall_hook),
+    ):  # fmt: skip
+        hook = add(name, help_, f"bq-audit {name}")
+        hook.add_argument("--site-packages", help="where (default: this Python's site-packages)")
+        hook.set_defaults(func=func)
 
     sch = add(
         "schema",
