@@ -36,16 +36,17 @@ _SAMPLE_BITS = 48  # a trace is kept when the low bits of its id (random in uuid
 _SAMPLE_MASK = (1 << _SAMPLE_BITS) - 1  # ...fall below sample_rate * 2**48
 
 
-def _hides_others() -> frozenset[Any]:
-    """Code objects of langchain-core callback paths where being inline hides other handlers'
-    events: `AsyncCallbackManager.on_llm_start` (langchain-ai/langchain#39633) sends the start
-    of an async completion-LLM call only to the inline handlers when there are any."""
+def _hiding_code() -> Any:
+    """The code object of the langchain-core callback path where being inline hides other
+    handlers' events: `AsyncCallbackManager.on_llm_start` (langchain-ai/langchain#39633)
+    sends the start of an async completion-LLM call only to the inline handlers when there
+    are any."""
     from langchain_core.callbacks.manager import AsyncCallbackManager
 
-    return frozenset({AsyncCallbackManager.on_llm_start.__code__})
+    return AsyncCallbackManager.on_llm_start.__code__
 
 
-_HIDES_OTHERS = _hides_others()
+_HIDING_CODE = _hiding_code()
 
 
 class BigQueryAuditHandler(BaseCallbackHandler):
@@ -80,7 +81,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         frame = sys._getframe(1)
         if frame.f_code.co_name == "<listcomp>":
             frame = frame.f_back  # type: ignore[assignment]
-        return frame.f_code not in _HIDES_OTHERS
+        return frame.f_code is not _HIDING_CODE  # identity: hashing a code object is slow
 
     def __init__(
         self,
