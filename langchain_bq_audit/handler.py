@@ -69,19 +69,23 @@ class BigQueryAuditHandler(BaseCallbackHandler):
     @property
     def run_inline(self) -> bool:  # type: ignore[override]  # an attribute in the base class
         """True (called in the caller's event loop, never through LangChain's thread pool),
-        except when the code asking is one where that would hide other handlers' events.
+        except when asked by the one langchain-core function where that would hide other
+        handlers' events, and no other handler is inline there.
 
-        Being inline there would cost every other handler the start of async completion-LLM
-        calls (`astream_events`, `astream_log`, tracers). There our handler is counted with
-        the non-inline ones, which LangChain then hands to `ahandle_event`, where it asks
-        again and is called inline. Plain `run_inline = False` would avoid that too, but its
-        thread pool hop costs +80% on a small `ainvoke` (see benchmarks `dispatch`). Python
-        3.11 and older read the attribute from the list comprehension's own frame.
+        In that function (see `_hiding_code`) our handler is then counted with the non-inline
+        ones, which LangChain hands to `ahandle_event`, where it asks again and is called
+        inline after all. When another handler is inline (LangSmith's tracer is), the others
+        lose those starts anyway and saying True keeps ours. Plain `run_inline = False` would
+        cost a thread pool hop per callback in async code (benchmarks `dispatch`). Python
+        3.11 and older ask from the list comprehension's own frame.
         """
         frame = sys._getframe(1)
         if frame.f_code.co_name == "<listcomp>":
             frame = frame.f_back  # type: ignore[assignment]
-        return frame.f_code is not _HIDING_CODE  # identity: hashing a code object is slow
+        if frame.f_code is not _HIDING_CODE:  # identity: hashing a code object is slow
+            return True
+        handlers = getattr(frame.f_locals.get("self"), "handlers", ())
+        return any(h.run_inline for h in handlers if not isinstance(h, BigQueryAuditHandler))
 
     def __init__(
         self,

@@ -138,3 +138,29 @@ def test_other_handlers_and_tracers_see_the_same_events_with_the_handler_attache
     assert {r["run_type"] for r in read_rows()} == {"chain", kind}
     stats = handler.stats()
     assert stats["unmatched_ends"] == stats["callback_errors"] == stats["pending_runs"] == 0
+
+
+class InlineRecorder(Recorder):
+    """Like LangSmith's `LangChainTracer`: called inline."""
+
+    run_inline = True
+
+
+def test_next_to_an_inline_tracer_async_llm_calls_still_give_rows(
+    make_handler: Callable[..., BigQueryAuditHandler], read_rows: Any
+) -> None:
+    # langchain-core hides those starts from the non-inline recorder whatever we do; the
+    # inline one and the audit handler get them, and nobody sees less than without us
+    def observe_with(audit: list[Any]) -> tuple[Any, Any]:
+        inline, other = InlineRecorder(), Recorder()
+        asyncio.run(llm_chain().ainvoke({"q": "x"}, config={"callbacks": [inline, other, *audit]}))
+        return inline.events, other.events
+
+    alone = observe_with([])
+    handler = make_handler()
+    assert observe_with([handler]) == alone
+    assert ("on_llm_start", ("RunnableSequence", "FakeListLLM")) in alone[0]
+    assert handler.flush(timeout=20)
+    wait_for(lambda: len(read_rows()) == 4, 20, "4 rows")
+    assert sorted(r["run_type"] for r in read_rows()) == ["chain", "chain", "chain", "llm"]
+    assert handler.stats()["unmatched_ends"] == 0
