@@ -81,6 +81,34 @@ def test_default_writes_every_run(make_handler, read_rows) -> None:
     assert types == {"chain": 3 + 4 + 3, "chat_model": 1 + 1 + 2, "tool": 1}
 
 
+# README "Shaping the volume": rows for one call of each workload, per switch
+VOLUME_TABLE = {
+    "default": ({}, (4, 6, 5)),
+    "tag": ({}, (0, 0, 0)),
+    "run_types": ({"run_types": "chat_model,tool"}, (1, 2, 2)),
+    "skip_names": ({"skip_names": "ChatPromptTemplate,StrOutputParser"}, (2, 4, 5)),
+    "user_visible": ({"user_visible": True}, (2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("switch", list(VOLUME_TABLE))
+def test_rows_per_call_with_each_switch_as_the_readme_says(
+    switch: str, make_handler, read_rows
+) -> None:
+    options, expected = VOLUME_TABLE[switch]
+    handler = make_handler(**options)
+    tags = [SKIP_TAG] if switch == "tag" else []
+    roots = [uuid.uuid4() for _ in range(3)]
+    for root, workload, inputs in zip(
+        roots, (chain, with_tool, graph), ({"q": "x"}, {"q": "x"}, {"text": "x"}), strict=True
+    ):
+        workload().invoke(inputs, config={"callbacks": [handler], "tags": tags, "run_id": root})
+    # one more, so that the table exists and the flush has something to wait for
+    chain().invoke({"q": "x"}, config={"callbacks": [make_handler()]})
+    per_trace = Counter(r["trace_id"] for r in rows_of(handler, read_rows))
+    assert tuple(per_trace[str(root)] for root in roots) == expected
+
+
 def test_a_call_tagged_skip_is_not_written_nor_anything_inside_it(make_handler, read_rows) -> None:
     handler = make_handler()
     chain().invoke({"q": "skipped"}, config={"callbacks": [handler], "tags": [SKIP_TAG]})
