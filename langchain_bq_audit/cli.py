@@ -327,7 +327,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(f"table {table}: {remote['rows']} rows, {remote['sessions']} sessions, "
           f"{remote['users']} users, {remote['model_calls']} model calls, "
           f"{remote['total_tokens']} tokens, {remote['errors']} errors, "
-          f"last write {remote['last_write'] or 'never'}")  # fmt: skip
+          f"newest run ended {remote['newest_run_end'] or 'never'}")  # fmt: skip
     for one in spools:
         if one is not local and not (one["spooled_rows"] or one["dead_letter_rows"]):
             continue
