@@ -272,17 +272,28 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     show(rows)
     if not args.follow:
         return 0
-    seen = {r["event_id"] for r in rows}
-    last = rows[-1]["timestamp"] if rows else None
+    # A row can reach the table after rows that ended later than it (another process's
+    # writer, a batch still filling, a retry): every poll looks back `--lookback` seconds
+    # from the newest end seen and shows what it has not shown yet.
+    import datetime as dt
+
+    lookback = dt.timedelta(seconds=args.lookback)
+    newest = max((r["timestamp"] for r in rows), default=dt.datetime.now(dt.timezone.utc))
+    seen = {
+        r["event_id"]: r["timestamp"]  # what is there now counts as seen, shown or not
+        for r in recent_rows(client, table, 1000, args.session, args.user, newest - lookback)
+    }
+    seen.update((r["event_id"], r["timestamp"]) for r in rows)
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(args.interval)
-            new = [r for r in recent_rows(client, table, 1000, args.session, args.user, last)
+            since = newest - lookback
+            new = [r for r in recent_rows(client, table, 1000, args.session, args.user, since)
                    if r["event_id"] not in seen]  # fmt: skip
             show(new)
-            seen.update(r["event_id"] for r in new)
-            if new:
-                last = new[-1]["timestamp"]
+            seen.update((r["event_id"], r["timestamp"]) for r in new)
+            newest = max([newest, *(r["timestamp"] for r in new)])
+            seen = {k: t for k, t in seen.items() if t > newest - 2 * lookback}  # bounded
     return 0
 
 
@@ -489,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", type=int, default=20, help="how many rows (default 20)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new rows")
     tail.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    tail.add_argument("--lookback", type=float, default=300.0,
+                      help="with --follow: also show rows that arrive up to this many seconds "
+                           "after newer ones (default 300)")  # fmt: skip
     tail.add_argument("--session", help="only this session_id")
     tail.add_argument("--user", help="only this user_id")
     tail.add_argument("--json", action="store_true", help="one JSON object a line")
