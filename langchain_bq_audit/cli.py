@@ -254,6 +254,7 @@ def _tail_line(row: dict[str, Any]) -> str:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
+    import datetime as dt
     import json
     import time
 
@@ -265,6 +266,14 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row, default=str) if args.json else _tail_line(row), flush=True)
 
+    # With --follow, a row can reach the table after rows that ended later than it (another
+    # process's writer, a batch still filling, a retry): every poll reads the rows that ended
+    # in the last `--lookback` seconds and shows those it has not shown yet. What is there
+    # before the first rows are shown counts as seen.
+    lookback = dt.timedelta(seconds=args.lookback)
+    started = dt.datetime.now(dt.timezone.utc)
+    there = recent_rows(client, table, 1000, args.session, args.user, started - lookback) \
+        if args.follow else []  # fmt: skip
     rows = recent_rows(client, table, args.n, args.session, args.user)
     if not rows and not args.follow:
         print(f"no rows in {table}" + (" for that filter" if args.session or args.user else ""),
@@ -272,28 +281,16 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     show(rows)
     if not args.follow:
         return 0
-    # A row can reach the table after rows that ended later than it (another process's
-    # writer, a batch still filling, a retry): every poll looks back `--lookback` seconds
-    # from the newest end seen and shows what it has not shown yet.
-    import datetime as dt
-
-    lookback = dt.timedelta(seconds=args.lookback)
-    newest = max((r["timestamp"] for r in rows), default=dt.datetime.now(dt.timezone.utc))
-    seen = {
-        r["event_id"]: r["timestamp"]  # what is there now counts as seen, shown or not
-        for r in recent_rows(client, table, 1000, args.session, args.user, newest - lookback)
-    }
-    seen.update((r["event_id"], r["timestamp"]) for r in rows)
+    seen = {r["event_id"]: r["timestamp"] for r in there + rows}
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(args.interval)
-            since = newest - lookback
+            since = dt.datetime.now(dt.timezone.utc) - lookback
             new = [r for r in recent_rows(client, table, 1000, args.session, args.user, since)
                    if r["event_id"] not in seen]  # fmt: skip
             show(new)
             seen.update((r["event_id"], r["timestamp"]) for r in new)
-            newest = max([newest, *(r["timestamp"] for r in new)])
-            seen = {k: t for k, t in seen.items() if t > newest - 2 * lookback}  # bounded
+            seen = {k: t for k, t in seen.items() if t > since}  # what the next poll can read
     return 0
 
 
@@ -501,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new rows")
     tail.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
     tail.add_argument("--lookback", type=float, default=300.0,
-                      help="with --follow: also show rows that arrive up to this many seconds "
-                           "after newer ones (default 300)")  # fmt: skip
+                      help="with --follow: show rows that ended up to this many seconds ago "
+                           "when they arrive (default 300)")  # fmt: skip
     tail.add_argument("--session", help="only this session_id")
     tail.add_argument("--user", help="only this user_id")
     tail.add_argument("--json", action="store_true", help="one JSON object a line")

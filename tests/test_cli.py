@@ -109,6 +109,35 @@ def test_tail_follow_prints_new_rows_as_they_arrive(emulator, make_handler, tabl
         proc.wait(timeout=10)
 
 
+def test_tail_follow_shows_a_row_written_after_rows_that_ended_later(
+    emulator, make_handler, table_name
+) -> None:
+    fast = make_handler()
+    write_rows(fast)
+    # another writer (its own client), holding its rows for a while, as another process would
+    slow = BigQueryAuditHandler(client=emulator.client(), table=table_name, batch_age_s=60)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "langchain_bq_audit", "tail", "-f", "-n", "1", "--interval",
+         "0.3", "--endpoint", emulator.host_port, "--table", table_name],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        assert "error:ValueError" in lines.get(timeout=30)
+        model = GenericFakeChatModel
+        model(messages=iter([AIMessage("ended first")])).invoke("a", config={"callbacks": [slow]})
+        model(messages=iter([AIMessage("ended second")])).invoke("b", config={"callbacks": [fast]})
+        assert fast.flush(timeout=20)
+        assert "'user: b' -> 'ended second'" in lines.get(timeout=30)
+        assert slow.flush(timeout=20)  # written now, with an end time before the newest shown
+        assert "'user: a' -> 'ended first'" in lines.get(timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_stats_summarizes_the_table_and_the_local_spool(
     emulator, bq_client, make_handler, table_name, tmp_path
 ) -> None:
