@@ -326,7 +326,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         if type(exc).__name__ != "NotFound":
             raise
         remote = dict.fromkeys(("rows", "sessions", "users", "model_calls", "total_tokens",
-                                "errors", "last_write"))  # fmt: skip
+                                "errors", "newest_run_end"))  # fmt: skip
         print(f"table {table}: not found (bq-audit init creates it)", file=sys.stderr)
     if args.json:
         print(json.dumps({"table": table, **remote, **local, "spools": spools}, default=str))
