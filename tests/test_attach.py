@@ -70,6 +70,9 @@ def test_env_var_audits_every_run_of_a_process_without_callbacks(
         "BIGQUERY_EMULATOR_HOST": emulator.host_port,
         "BQ_AUDIT_TABLE": table_name,
         "BQ_AUDIT_APP_NAME": "env-app",
+        # the first write creates the table and views: on a busy emulator that can take
+        # longer than the default 5 s exit drain, and a spooled row is not read back here
+        "BQ_AUDIT_SHUTDOWN_TIMEOUT_S": "60",
     }
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
