@@ -8,9 +8,10 @@ Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB message
 `writer_process=True`, interleaved rounds), row building alone (no network), insertAll and
 Storage Write API throughput from submit to committed rows (batch sizes swept), and memory
 over many calls. It starts its own embedded BigQuery.
-`--only rows,sinks` runs some sections (import, hot, floor, rows, sinks, memory); `floor` is
-the no-op chain with the emulator's CPU idle and busy: what work on the other CPU costs
-the measured one on this machine.
+`--only rows,sinks` runs some sections (import, hot, dispatch, floor, rows, sinks, memory);
+`floor` is the no-op chain with the emulator's CPU idle and busy: what work on the other CPU
+costs the measured one on this machine; `dispatch` is how LangChain calls the handler in
+async code (inline, through its thread pool, or awaited in the loop: see handler._no_hop).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def chains(wait_s: float | None = None) -> dict[str, tuple[Any, dict[str, Any]]]
 
 
 def timed_calls(chain: Any, inputs: Any, handler: Any, count: int, mode: str) -> list[float]:
-    """Seconds of each of `count` calls, one after another (`ainvoke`: in one event loop)."""
+    """Seconds of each of `count` calls, one after another (`ainvoke`, `astream`: in one event
+    loop; `astream` reads every chunk)."""
     cfg: RunnableConfig = {"callbacks": [handler]}
     if mode == "invoke":
         out = []
@@ -154,7 +156,11 @@ def timed_calls(chain: Any, inputs: Any, handler: Any, count: int, mode: str) ->
         out = []
         for _ in range(count):
             start = time.perf_counter()
-            await chain.ainvoke(inputs, config=cfg)
+            if mode == "astream":
+                async for _ in chain.astream(inputs, config=cfg):
+                    pass
+            else:
+                await chain.ainvoke(inputs, config=cfg)
             out.append(time.perf_counter() - start)
         return out
 
@@ -251,6 +257,43 @@ def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> lis
     for handler in list(handlers.values())[1:]:
         settle(handler)
         handler.close()
+    return out
+
+
+def dispatch(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
+    """The same audit handler called by LangChain three ways, against a no-op inline one.
+
+    `inline`: `run_inline = True` (what langchain-core's #39633 punishes other handlers for);
+    `thread pool`: `run_inline = False`, so async code runs each callback in LangChain's
+    executor; `shipped`: inline except inside that bug's code path (handler.run_inline).
+    """
+    options = dict(table="bench_dispatch", emulator_host=bq.endpoint, project=bq.project,
+                   writer_process=True)  # fmt: skip
+    shipped = writer_process_handler(bq, "bench_dispatch")
+    handlers: dict[str, Any] = {
+        "no-op": Noop(),
+        "inline": type("Inline", (BigQueryAuditHandler,), {"run_inline": True})(**options),
+        "thread pool": type("Pool", (BigQueryAuditHandler,), {"run_inline": False})(**options),
+        "shipped": shipped,
+    }
+    model = FakeListChatModel(responses=["x" * 50])
+    small = ChatPromptTemplate.from_messages([("human", "{q}")]) | model | StrOutputParser()
+    out = []
+    for mode in ("invoke", "ainvoke", "astream"):
+        times: dict[str, list[float]] = {name: [] for name in handlers}
+        for handler in handlers.values():
+            timed_calls(small, {"q": "hi"}, handler, per_round // 4, mode)
+        for _ in range(rounds):
+            for name, handler in handlers.items():
+                times[name] += timed_calls(small, {"q": "hi"}, handler, per_round, mode)
+                if name != "no-op":
+                    settle(handler)
+        n = times["no-op"]
+        out.append((f"{mode} small (50 tokens)",
+                    f"no-op p50 {pct(n, .5) * 1e6:.0f} us"))  # fmt: skip
+        for name in list(handlers)[1:]:
+            out.append((f"  audit, {name}", ratios(times[name], n)))
+    shipped.close()
     return out
 
 
@@ -360,7 +403,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100_000, help="calls in the memory run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=400)
-    parser.add_argument("--only", default="import,hot,floor,rows,sinks,memory", help="sections")
+    parser.add_argument("--only", default="import,hot,dispatch,floor,rows,sinks,memory",
+                        help="sections")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(","))
     os.environ["BQ_AUDIT_SPOOL_DIR"] = tempfile.mkdtemp(prefix="bq-audit-bench-spool-")
@@ -373,6 +417,8 @@ def main() -> None:
         results.append(("CPUs", pin_apart(bq.pid)))
         if "hot" in only:
             results += hot_path(client, bq, args.rounds, args.per_round)
+        if "dispatch" in only:
+            results += dispatch(bq, args.rounds, args.per_round)
         if "floor" in only:
             results += noise_floor(bq, args.rounds, args.per_round)
         if "rows" in only:

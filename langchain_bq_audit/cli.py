@@ -254,6 +254,7 @@ def _tail_line(row: dict[str, Any]) -> str:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
+    import datetime as dt
     import json
     import time
 
@@ -265,6 +266,14 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row, default=str) if args.json else _tail_line(row), flush=True)
 
+    # With --follow, a row can reach the table after rows that ended later than it (another
+    # process's writer, a batch still filling, a retry): every poll reads the rows that ended
+    # in the last `--lookback` seconds and shows those it has not shown yet. What is there
+    # before the first rows are shown counts as seen.
+    lookback = dt.timedelta(seconds=args.lookback)
+    started = dt.datetime.now(dt.timezone.utc)
+    there = recent_rows(client, table, 1000, args.session, args.user, started - lookback) \
+        if args.follow else []  # fmt: skip
     rows = recent_rows(client, table, args.n, args.session, args.user)
     if not rows and not args.follow:
         print(f"no rows in {table}" + (" for that filter" if args.session or args.user else ""),
@@ -272,17 +281,16 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     show(rows)
     if not args.follow:
         return 0
-    seen = {r["event_id"] for r in rows}
-    last = rows[-1]["timestamp"] if rows else None
+    seen = {r["event_id"]: r["timestamp"] for r in there + rows}
     with contextlib.suppress(KeyboardInterrupt):
         while True:
             time.sleep(args.interval)
-            new = [r for r in recent_rows(client, table, 1000, args.session, args.user, last)
+            since = dt.datetime.now(dt.timezone.utc) - lookback
+            new = [r for r in recent_rows(client, table, 1000, args.session, args.user, since)
                    if r["event_id"] not in seen]  # fmt: skip
             show(new)
-            seen.update(r["event_id"] for r in new)
-            if new:
-                last = new[-1]["timestamp"]
+            seen.update((r["event_id"], r["timestamp"]) for r in new)
+            seen = {k: t for k, t in seen.items() if t > since}  # what the next poll can read
     return 0
 
 
@@ -318,7 +326,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         if type(exc).__name__ != "NotFound":
             raise
         remote = dict.fromkeys(("rows", "sessions", "users", "model_calls", "total_tokens",
-                                "errors", "last_write"))  # fmt: skip
+                                "errors", "newest_run_end"))  # fmt: skip
         print(f"table {table}: not found (bq-audit init creates it)", file=sys.stderr)
     if args.json:
         print(json.dumps({"table": table, **remote, **local, "spools": spools}, default=str))
@@ -327,7 +335,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(f"table {table}: {remote['rows']} rows, {remote['sessions']} sessions, "
           f"{remote['users']} users, {remote['model_calls']} model calls, "
           f"{remote['total_tokens']} tokens, {remote['errors']} errors, "
-          f"last write {remote['last_write'] or 'never'}")  # fmt: skip
+          f"newest run ended {remote['newest_run_end'] or 'never'}")  # fmt: skip
     for one in spools:
         if one is not local and not (one["spooled_rows"] or one["dead_letter_rows"]):
             continue
@@ -338,6 +346,61 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         )
     if any(one["spooled_rows"] for one in spools):
         print("  hint: bq-audit replay --all writes them now")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from .global_hook import BOOTSTRAP_DIR, ENV_VAR
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("bq-audit: run needs a command, e.g. bq-audit run -- python app.py", file=sys.stderr)
+        return 2
+    env = os.environ
+    env[ENV_VAR] = "true"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (BOOTSTRAP_DIR, env.get("PYTHONPATH")) if p)
+    for option, var in (("endpoint", "EMULATOR_HOST"), ("project", "PROJECT"),
+                        ("dataset", "DATASET"), ("table", "TABLE")):  # fmt: skip
+        value = getattr(args, option)
+        if value:
+            env[f"BQ_AUDIT_{var}"] = value
+    try:
+        os.execvp(command[0], command)  # replaces this process: signals and exit code are CMD's
+    except OSError as exc:
+        print(f"bq-audit: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 0  # pragma: no cover - execvp does not return
+
+
+def _site_packages(args: argparse.Namespace) -> Path:
+    import sysconfig
+
+    return Path(args.site_packages or sysconfig.get_paths()["purelib"])
+
+
+def _cmd_install_hook(args: argparse.Namespace) -> int:
+    from .global_hook import ENV_VAR, PTH_LINE, PTH_NAME
+
+    path = _site_packages(args) / PTH_NAME
+    path.write_text(PTH_LINE)
+    print(f"wrote {path}: every Python of this environment audits its LangChain runs when "
+          f"{ENV_VAR}=true (bq-audit uninstall-hook removes it)")  # fmt: skip
+    return 0
+
+
+def _cmd_uninstall_hook(args: argparse.Namespace) -> int:
+    from .global_hook import PTH_NAME
+
+    path = _site_packages(args) / PTH_NAME
+    if not path.exists():
+        print(f"no hook at {path}")
+        return 0
+    path.unlink()
+    print(f"removed {path}")
     return 0
 
 
@@ -434,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", type=int, default=20, help="how many rows (default 20)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new rows")
     tail.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    tail.add_argument("--lookback", type=float, default=300.0,
+                      help="with --follow: show rows that ended up to this many seconds ago "
+                           "when they arrive (default 300)")  # fmt: skip
     tail.add_argument("--session", help="only this session_id")
     tail.add_argument("--user", help="only this user_id")
     tail.add_argument("--json", action="store_true", help="one JSON object a line")
@@ -477,6 +543,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     key.add_argument("file", help="where to write the private key (never overwritten)")
     key.set_defaults(func=_cmd_keygen)
+
+    run = add(
+        "run",
+        "Run a command with every LangChain run of it, and of the Python processes it starts "
+        "(uvicorn and gunicorn workers too), audited: no code change.",
+        "bq-audit run -- uvicorn app:api --workers 4",
+    )
+    _add_destination(run, endpoint=True)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    run.set_defaults(func=_cmd_run)
+
+    for name, help_, func in (
+        ("install-hook", "Make LANGCHAIN_BQ_AUDIT=true alone audit every Python of this "
+         "environment: writes a one-line .pth file into site-packages.", _cmd_install_hook),
+        ("uninstall-hook", "Remove the .pth file install-hook wrote.", _cmd_uninstall_hook),
+    ):  # fmt: skip
+        hook = add(name, help_, f"bq-audit {name}")
+        hook.add_argument("--site-packages", help="where (default: this Python's site-packages)")
+        hook.set_defaults(func=func)
 
     sch = add(
         "schema",

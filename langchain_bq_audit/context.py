@@ -1,34 +1,20 @@
-"""Attach the audit log without touching each call: the global hook, `enable()`, `audit_context()`.
+"""Session, user, tags and metadata for runs: `audit_context()` and `configured_identity()`.
 
-- `LANGCHAIN_BQ_AUDIT=true` (read on every LangChain configure call, so it can be set after
-  import) or `enable(**options)` adds one process-wide `BigQueryAuditHandler` to every run,
-  through `langchain_core.tracers.context.register_configure_hook`, registered once: at
-  import when LangChain has loaded that module, else the moment it does.
-- `audit_context(session_id=..., user_id=..., tags=..., metadata=...)` sets session, user,
-  tags and metadata for every run started inside it, through a ContextVar, so it follows
-  asyncio tasks and threads started with a copied context.
+`audit_context` sets them for every run started inside a block, through a ContextVar, so
+they follow asyncio tasks and threads started with a copied context; `configured_identity`
+reads them from the `configurable` of LangChain's current runnable config. (The global
+switch, `enable()` and the launcher are in `global_hook.py`.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import logging
-import os
 import sys
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
-from .settings import TRUE_WORDS
-
-if TYPE_CHECKING:
-    from .handler import BigQueryAuditHandler
-
-ENV_VAR = "LANGCHAIN_BQ_AUDIT"
-logger = logging.getLogger(__name__)
 #: Where a run's session and user are named, first present wins, in its metadata and then
 #: in its config's `configurable` (see `rows.resolve_session_user`).
 SESSION_KEYS = ("session_id", "thread_id", "conversation_id")
@@ -116,115 +102,3 @@ def audit_context(
         yield ctx
     finally:
         current_context.reset(token)
-
-
-class _GlobalHandler:
-    """What LangChain's configure hook reads: it only ever calls `.get()`.
-
-    A real ContextVar would hold a value per thread and per task; a global audit log has
-    to reach every thread and event loop of the process, so this object stands in for one.
-    """
-
-    def __init__(self) -> None:
-        self.handler: BigQueryAuditHandler | None = None
-        self.state = "env"  # "env": follow LANGCHAIN_BQ_AUDIT; "on": enable(); "off": disable()
-        self.lock = threading.Lock()
-        self.env_error: str | None = None
-
-    def get(self) -> BigQueryAuditHandler | None:
-        if self.state == "on":
-            return self.handler
-        if self.state == "off" or os.environ.get(ENV_VAR, "").strip().lower() not in TRUE_WORDS:
-            return None
-        return self.handler or self._from_env()
-
-    def _from_env(self) -> BigQueryAuditHandler | None:
-        with self.lock:
-            if self.handler is None and self.env_error is None:
-                from .handler import BigQueryAuditHandler
-
-                try:
-                    self.handler = BigQueryAuditHandler()  # settings from BQ_AUDIT_* variables
-                except Exception as exc:  # bad settings must not break every chain: say it once
-                    self.env_error = f"{type(exc).__name__}: {exc}"
-                    logger.warning(
-                        "langchain-bq-audit: %s is set but auditing is off: %s",
-                        ENV_VAR, self.env_error,
-                    )  # fmt: skip
-            return self.handler
-
-
-_global = _GlobalHandler()
-_TRACERS_CONTEXT = "langchain_core.tracers.context"
-
-
-def _register() -> None:
-    from langchain_core.tracers.context import register_configure_hook
-
-    register_configure_hook(cast("ContextVar[Any]", _global), inheritable=True)
-
-
-class _RegisterWhenImported:
-    """Registers the hook right after LangChain imports `langchain_core.tracers.context`.
-
-    A meta path finder needs only `find_spec` (not `importlib.abc`, which costs 8 ms).
-
-    That module imports langsmith (about a second); LangChain imports it itself on the
-    first run it configures, so waiting for that keeps `import langchain_bq_audit` fast.
-    """
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _TRACERS_CONTEXT:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module: Any) -> None:
-            exec_module(module)
-            _register()
-
-        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
-        return spec
-
-
-if _TRACERS_CONTEXT in sys.modules:
-    _register()
-else:
-    sys.meta_path.insert(0, _RegisterWhenImported())
-
-
-def enable(**options: Any) -> BigQueryAuditHandler:
-    """Audit every LangChain run in this process; returns the global handler.
-
-    `options` are `BigQueryAuditHandler`'s arguments (`table=`, `client=`, `session_id=`,
-    any `AuditSettings` field); the rest come from `BQ_AUDIT_*` variables. Calling it again
-    replaces the global handler. Example::
-
-        langchain_bq_audit.enable(app_name="support-bot")
-        chain.invoke(question)              # audited, no callbacks= needed
-    """
-    from .handler import BigQueryAuditHandler
-
-    handler = BigQueryAuditHandler(**options)
-    with _global.lock:
-        _global.handler = handler
-        _global.state = "on"
-    return handler
-
-
-def disable() -> None:
-    """Stop auditing runs globally (also overrides `LANGCHAIN_BQ_AUDIT`).
-
-    Rows already accepted are still written; explicit handlers keep working.
-    """
-    with _global.lock:
-        _global.handler = None
-        _global.state = "off"
-
-
-def global_handler() -> BigQueryAuditHandler | None:
-    """The handler attached to every run (by `enable()` or the environment), or None."""
-    return _global.get()

@@ -8,6 +8,7 @@ append). Text, JSON and usage are built later, on the writer thread, by `rows.py
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from .context import configured_identity, current_context
 from .records import RunRecord, is_graph_bubble_up
 from .registry import get_writer
+from .rows import run_name
 from .settings import AuditSettings
 
 if TYPE_CHECKING:
@@ -28,6 +30,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _MISSING = object()
+SKIP_TAG = "bq-audit:skip"
+"""A call with this tag (`config={"tags": [SKIP_TAG]}`) is not written, nor any run inside it."""
+_SAMPLE_BITS = 48  # a trace is kept when the low bits of its id (random in uuid4 and uuid7)...
+_SAMPLE_MASK = (1 << _SAMPLE_BITS) - 1  # ...fall below sample_rate * 2**48
+
+
+def _hiding_code() -> Any:
+    """The code object of the langchain-core callback path where being inline hides other
+    handlers' events: `AsyncCallbackManager.on_llm_start` (langchain-ai/langchain#39633)
+    sends the start of an async completion-LLM call only to the inline handlers when there
+    are any."""
+    from langchain_core.callbacks.manager import AsyncCallbackManager
+
+    return AsyncCallbackManager.on_llm_start.__code__
+
+
+_HIDING_CODE = _hiding_code()
 
 
 class BigQueryAuditHandler(BaseCallbackHandler):
@@ -45,8 +64,28 @@ class BigQueryAuditHandler(BaseCallbackHandler):
     them (a global and an explicit handler, say) gives one row. Handlers are cheap to make.
     """
 
-    run_inline = True  # called in the caller's thread or event loop: no executor hop
     raise_error = False
+
+    @property
+    def run_inline(self) -> bool:  # type: ignore[override]  # an attribute in the base class
+        """True (called in the caller's event loop, never through LangChain's thread pool),
+        except when asked by the one langchain-core function where that would hide other
+        handlers' events, and no other handler is inline there.
+
+        In that function (see `_hiding_code`) our handler is then counted with the non-inline
+        ones, which LangChain hands to `ahandle_event`, where it asks again and is called
+        inline after all. When another handler is inline (LangSmith's tracer is), the others
+        lose those starts anyway and saying True keeps ours. Plain `run_inline = False` would
+        cost a thread pool hop per callback in async code (benchmarks `dispatch`). Python
+        3.11 and older ask from the list comprehension's own frame.
+        """
+        frame = sys._getframe(1)
+        if frame.f_code.co_name == "<listcomp>":
+            frame = frame.f_back  # type: ignore[assignment]
+        if frame.f_code is not _HIDING_CODE:  # identity: hashing a code object is slow
+            return True
+        handlers = getattr(frame.f_locals.get("self"), "handlers", ())
+        return any(h.run_inline for h in handlers if not isinstance(h, BigQueryAuditHandler))
 
     def __init__(
         self,
@@ -91,6 +130,9 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         self._user_id = user_id
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(("callback_errors", "untracked_runs", "unmatched_ends"), 0)
+        self._shaped = bool(settings.run_types or settings.skip_names or settings.user_visible
+                            or settings.sample_rate < 1.0)  # fmt: skip
+        self._sample_below = int(settings.sample_rate * (1 << _SAMPLE_BITS))
         self._writer.ensure_started()  # also replays what an earlier process left spooled
 
     # -- public ---------------------------------------------------------------------------
@@ -133,8 +175,9 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         seen = runs.get(run_id)
         # The same start dispatched to another handler of this table (or to this one twice)
         # carries the very same metadata object: that run is the first handler's row. A
-        # start with other metadata is another run that reuses the id (`repeat` below).
-        if seen is not None and seen.metadata is metadata:
+        # start with other metadata is another run that reuses the id (`repeat` below). A
+        # call tagged SKIP_TAG is not written (LangChain passes a call's tags to its runs).
+        if (seen is not None and seen.metadata is metadata) or (tags and SKIP_TAG in tags):
             skipped = self._skipped
             if len(skipped) >= self._max_pending:  # ends that never come must not pile up
                 skipped.clear()
@@ -185,10 +228,29 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             rec.user_id = ctx.user_id or self._user_id
         rec.owner = self
         rec.settings = self.settings
+        if self._shaped:
+            self._shape(rec)
         if seen is not None:  # a run id already pending: tracked as a run of its own
             self._tracker.add_repeat(rec)
         else:
             runs[run_id] = rec
+
+    def _shape(self, rec: RunRecord) -> None:
+        """Apply the volume settings: whether the run's row is written, at what sample rate.
+
+        The record is tracked either way: its children need its trace id.
+        """
+        settings = self.settings
+        if (
+            (settings.run_types and rec.run_type not in settings.run_types)
+            or (settings.skip_names and run_name(rec) in settings.skip_names)
+            or (settings.user_visible and rec.run_type == "chain" and rec.parent_run_id)
+        ):
+            rec.keep = False
+        elif self._sample_below < 1 << _SAMPLE_BITS:
+            rec.sample_rate = settings.sample_rate
+            if rec.trace_id.int & _SAMPLE_MASK >= self._sample_below:
+                rec.keep = None  # written only if it fails
 
     def _end(self, run_id: UUID, outputs: Any, error: BaseException | None, kwargs: Any) -> None:
         key: Any = run_id
@@ -207,14 +269,20 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         late_inputs = kwargs.get("inputs")
         if late_inputs is not None:  # streamed chains only know their input at the end
             rec.inputs = late_inputs
+        keep = rec.keep
         if error is not None:
             rec.status = "error"
             rec.error = error
+            rec.sample_rate = 1.0  # written whatever the sampling, so it counts once
+            keep = keep is not False
             if is_graph_bubble_up(error) and type(error).__name__ != "ParentCommand":
                 self._pause_graph(rec, error)
             for child in self._tracker.end_descendants(rec, rec.end_time):  # rare: errors only
-                self._submit(child)
-        self._submit(rec)
+                if child.keep is not False:  # cut off: written like a failed run
+                    child.sample_rate = 1.0
+                    self._submit(child)
+        if keep:  # else left out by a volume setting
+            self._submit(rec)
 
     def _pause_graph(self, rec: RunRecord, interrupt: BaseException) -> None:
         """An interrupt pauses the whole graph, though LangGraph ends its root run as if it

@@ -6,12 +6,13 @@ Needs the `notebook` extra (pandas). Nothing in the handler depends on this modu
     nb = notebook.start()        # the embedded BigQuery, unless a Google Cloud project is set
     handler = nb.handler()       # a BigQueryAuditHandler writing there
     chain.invoke(question, config={"callbacks": [handler]})
-    nb.recent(20)                # the latest rows as a pandas DataFrame
+    nb.recent(20)                # the latest rows of this run as a pandas DataFrame
     nb.close()                   # write what is queued, stop the embedded BigQuery
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class AuditNotebook:
         self.emulator = emulator
         self.table_id = table_id(client, settings)
         self.closed = False
+        # the embedded BigQuery keeps its data between runs: reads default to this run's rows
+        self.started = dt.datetime.now(dt.timezone.utc)
 
     def __repr__(self) -> str:
         where = f"embedded BigQuery on {self.emulator.endpoint}" if self.emulator else "BigQuery"
@@ -51,15 +54,19 @@ class AuditNotebook:
         """Wait until every row handed to any handler so far is written."""
         return flush_all(timeout)
 
-    def recent(self, n: int = 20, session: str | None = None,
-               user: str | None = None) -> Any:  # fmt: skip
-        """The latest `n` rows (every column), oldest first, as a DataFrame."""
-        return _frame(recent_rows(self.client, self.table_id, n, session, user, columns=None))
+    def recent(self, n: int = 20, session: str | None = None, user: str | None = None,
+               history: bool = False) -> Any:  # fmt: skip
+        """The latest `n` rows (every column), oldest first, as a DataFrame: of this run
+        (ended since `start()`), or of the whole table with `history=True`."""
+        after = None if history else self.started
+        return _frame(recent_rows(self.client, self.table_id, n, session, user, after, None))
 
     def query(self, sql: str, **params: Any) -> Any:
-        """A query as a DataFrame; `{table}` in `sql` is the audit table's full id, and
-        `@name` parameters come from `params`. Example: `nb.query("SELECT * FROM
-        `{table}_sessions`")`."""
+        """A query as a DataFrame; `{table}` in `sql` is the audit table's full id, `@name`
+        parameters come from `params`, and `@started` is when this run started. Example:
+        `nb.query("SELECT * FROM `{table}_dedup` WHERE timestamp >= @started")`."""
+        if "@started" in sql:
+            params.setdefault("started", self.started)
         return _frame(run_query(self.client, sql.replace("{table}", self.table_id), params))
 
     def close(self, timeout: float = 10.0) -> None:

@@ -43,7 +43,12 @@ def recent_rows(
     columns: tuple[str, ...] | None = TAIL_COLUMNS,
 ) -> list[dict[str, Any]]:
     """The latest `n` rows of `table` (oldest first), optionally of one session or user,
-    or only those that ended after `after`. `columns=None` selects every column."""
+    or only those that ended after `after`. `columns=None` selects every column.
+
+    Read through the dedup query (`views.dedup`): a row written twice (a retry, a replay)
+    shows once."""
+    from .views import dedup
+
     where: list[str] = []
     params: dict[str, Any] = {}
     if session is not None:
@@ -57,21 +62,22 @@ def recent_rows(
         params["after"] = after
     cols = "*" if columns is None else ", ".join(f"`{c}`" for c in columns)
     sql = (
-        f"SELECT {cols} FROM `{table}` WHERE {' AND '.join(where) or 'TRUE'} "
+        f"SELECT {cols} FROM ({dedup(table)}) WHERE {' AND '.join(where) or 'TRUE'} "
         f"ORDER BY timestamp DESC LIMIT {int(n)}"
     )
     return list(reversed(run_query(client, sql, params)))
 
 
 def summary(client: Any, table: str) -> dict[str, Any]:
-    """Rows, sessions, users, model calls, tokens, errors and last write of `table`."""
+    """Rows, sessions, users, model calls, tokens, errors of `table`, and when its newest run
+    ended (`newest_run_end`: the table has no write time; a replayed row keeps its end)."""
     (row,) = run_query(
         client,
         "SELECT COUNT(DISTINCT event_id) AS rows, COUNT(DISTINCT session_id) AS sessions, "
         "COUNT(DISTINCT user_id) AS users, "
         "COUNTIF(run_type IN ('llm', 'chat_model')) AS model_calls, "
         "SUM(total_tokens) AS total_tokens, COUNTIF(status = 'error') AS errors, "
-        f"MAX(timestamp) AS last_write FROM `{table}`",
+        f"MAX(timestamp) AS newest_run_end FROM `{table}`",
     )
     row["total_tokens"] = row["total_tokens"] or 0
     return row

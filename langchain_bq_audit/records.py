@@ -34,6 +34,7 @@ class RunRecord:
         "first_token_time",
         "inputs",
         "invocation_params",
+        "keep",
         "metadata",
         "name",
         "outputs",
@@ -41,6 +42,7 @@ class RunRecord:
         "parent_run_id",
         "run_id",
         "run_type",
+        "sample_rate",
         "serialized",
         "session_id",
         "settings",
@@ -94,3 +96,7 @@ class RunRecord:
         # that handler's row options (capture mode, redactors, sizes...): rows are built
         # with these, by whichever writer, without reaching back into the handler
         self.settings: AuditSettings | None = None
+        # Volume settings: True writes the row; False never (a filter); None only if the run
+        # fails (its trace was not sampled). `sample_rate` is written on the row.
+        self.keep: bool | None = True
+        self.sample_rate = 1.0

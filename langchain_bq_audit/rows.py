@@ -650,7 +650,9 @@ def resolve_session_user(
     return session or ident_text(session_default), user or ident_text(user_default)
 
 
-def _name(rec: RunRecord) -> str | None:
+def run_name(rec: RunRecord) -> str | None:
+    """The row's `name`: the run's own, else its serialized name or class (also what the
+    handler's `skip_names` matches)."""
     if rec.name:
         return str(rec.name)
     ser = rec.serialized if isinstance(rec.serialized, Mapping) else {}
@@ -764,13 +766,14 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         "parent_run_id": _id(rec.parent_run_id) if rec.parent_run_id else None,
         "trace_id": run_id if rec.trace_id == rec.run_id else _id(rec.trace_id),
         "run_type": rec.run_type,
-        "name": _name(rec),
+        "name": run_name(rec),
         "status": run_status(rec),
         "start_time": iso(rec.start_time),
         "latency_ms": round((end - rec.start_time) * 1000.0, 3),
         "tags": _tags(rec),
         "app_name": settings.app_name,
         "environment": settings.environment,
+        "sample_rate": rec.sample_rate,
     }
 
 

@@ -77,6 +77,13 @@ COLUMNS: tuple[Column, ...] = (
     _c("seq", "INT64", _N, "integrity", "Position of the row in its chain, from 1."),
     _c("prev_hash", "STRING", _N, "integrity", "row_hash of the previous row of the chain."),
     _c("row_hash", "STRING", _N, "integrity", "SHA-256 of the row's canonical JSON."),
+    _c(
+        "sample_rate",
+        "FLOAT64",
+        _N,
+        "volume",
+        "Share of traces kept (1 on failed runs): weight 1/rate.",
+    ),
 )
 
 # The signed digests of the hash chains (digests.py), in a table of their own next to the

@@ -17,6 +17,7 @@ _LABEL = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 SINKS = ("insert_all", "write_api")
 CAPTURE_MODES = ("full", "redacted", "metadata")
+RUN_TYPES = ("llm", "chat_model", "chain", "tool", "retriever")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # also what LANGCHAIN_BQ_AUDIT takes
 _FALSE = {"0", "false", "no", "off", ""}
 # Options of the one writer a destination table has per process: the first handler's win,
@@ -93,6 +94,19 @@ class AuditSettings:
     app_name: str | None = None
     environment: str | None = None
 
+    # -- what is written: the volume (per handler; README "Shaping the volume") -------------
+    run_types: tuple[str, ...] = ()
+    """Write only runs of these types (llm, chat_model, chain, tool, retriever); empty: all.
+    From the environment as a comma-separated list."""
+    skip_names: tuple[str, ...] = ()
+    """Do not write runs with these names (e.g. `ChatPromptTemplate,StrOutputParser`)."""
+    user_visible: bool = False
+    """Write only model, tool and retriever calls and each trace's root run: no inner steps."""
+    sample_rate: float = 1.0
+    """Share of traces written, 0 to 1: head sampling, decided once per trace from its id, so a
+    trace is written whole or not at all. Runs that fail are always written. Each row holds
+    the rate (1 on failed runs): `SUM(1 / sample_rate)` estimates the unsampled count."""
+
     capture_mode: str = "full"
     """full (text as it came, credentials removed), redacted (also e-mails, phones, cards
     and `redactors`), or metadata (no text: hashes and sizes only)."""
@@ -118,6 +132,7 @@ class AuditSettings:
     own CPU time is short next to their prompts (long histories, fast models, busy loops)."""
 
     def __post_init__(self) -> None:
+        self._check_volume()
         for name in (
             "batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars", "max_row_bytes",
             "max_pending_runs", "max_buffer_bytes", "max_spool_bytes", "digest_every_rows",
@@ -155,6 +170,20 @@ class AuditSettings:
             raise ValueError("set one of digest_key and digest_key_file, not both")
         if self.signs_digests and not self.hash_chain:
             raise ValueError("digests sign the hash chain: a digest key needs hash_chain=true")
+
+    def _check_volume(self) -> None:
+        for name in ("run_types", "skip_names"):  # "a,b" and lists are fine too
+            value = getattr(self, name)
+            items = value.split(",") if isinstance(value, str) else value
+            object.__setattr__(self, name, tuple(str(v).strip() for v in items if str(v).strip()))
+        unknown = sorted(set(self.run_types) - set(RUN_TYPES))
+        if unknown:
+            raise ValueError(
+                f"run_types: unknown run type(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(RUN_TYPES)}"
+            )
+        if not 0.0 <= self.sample_rate <= 1.0:  # NaN fails too
+            raise ValueError(f"sample_rate must be between 0 and 1, got {self.sample_rate!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AuditSettings:
@@ -245,6 +274,8 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
             return int(raw)
         if type_name.startswith("float"):
             return float(raw)
+        if type_name.startswith("tuple[str"):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
     except ValueError as exc:
         raise ValueError(f"{var}={raw!r} is not valid: {exc}") from None
     return raw or None

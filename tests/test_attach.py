@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -69,6 +70,9 @@ def test_env_var_audits_every_run_of_a_process_without_callbacks(
         "BIGQUERY_EMULATOR_HOST": emulator.host_port,
         "BQ_AUDIT_TABLE": table_name,
         "BQ_AUDIT_APP_NAME": "env-app",
+        # the first write creates the table and views: on a busy emulator that can take
+        # longer than the default 5 s exit drain, and a spooled row is not read back here
+        "BQ_AUDIT_SHUTDOWN_TIMEOUT_S": "60",
     }
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -379,3 +383,109 @@ def test_langgraph_agent_with_a_tool_and_a_checkpointer(make_handler, read_rows)
     assert len(model_rows) == 3
     assert all(by_id[r["parent_run_id"]]["name"] == "agent" for r in model_rows)
     assert uuid.UUID(roots[1]["run_id"]) != uuid.UUID(roots[0]["run_id"])
+
+
+# An application that knows nothing of the audit log: it calls a chain, and a process it
+# starts the way uvicorn and gunicorn start workers (multiprocessing "spawn") calls it too.
+UNMODIFIED_APP = """
+import multiprocessing, sys
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+
+def call(who):
+    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
+             | FakeListChatModel(responses=[f"answer for {who}"]) | StrOutputParser())
+    chain.invoke({"q": "hi"}, config={"metadata": {"user_id": who}})
+    chain.invoke({"q": "not me"}, config={"callbacks": [], "metadata": {"user_id": who}})
+
+if __name__ == "__main__":
+    call("parent")
+    worker = multiprocessing.get_context("spawn").Process(target=call, args=("worker",))
+    worker.start()
+    worker.join()
+    print("audit loaded:", "langchain_bq_audit" in sys.modules)
+"""
+
+
+def run_app(tmp_path: Any, argv: list[str], env: dict[str, str]) -> str:
+    app = tmp_path / "app.py"
+    app.write_text(UNMODIFIED_APP)
+    # a generous exit drain: this machine may be busy, and a row spooled is not read back
+    env = {**os.environ, "BQ_AUDIT_SHUTDOWN_TIMEOUT_S": "60", **env}
+    proc = subprocess.run([*argv, str(app)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def roots_by_user(bq_client: Any, table_name: str) -> dict[str, list[str]]:
+    rows = query(bq_client, f"SELECT user_id, parent_run_id, output_text, trace_id "
+                            f"FROM `local.language_model_logging.{table_name}`")  # fmt: skip
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        if row["parent_run_id"] is None:
+            out.setdefault(row["user_id"], []).append(row["output_text"])
+    assert len(rows) == 4 * len(out), rows  # each call: sequence, prompt, model, parser
+    return out
+
+
+def test_launcher_audits_an_unmodified_app_and_the_processes_it_starts(
+    emulator, bq_client, table_name, tmp_path
+) -> None:
+    # the app's own sitecustomize still runs (the launcher's chains to it)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "sitecustomize.py").write_text("import os\nos.environ['THEIRS_RAN'] = 'yes'\n")
+    code = "import os; print('theirs ran:', os.environ.get('THEIRS_RAN'))"
+    (tmp_path / "check.py").write_text(code)
+    bq_audit = [sys.executable, "-m", "langchain_bq_audit", "run", "--table", table_name, "--"]
+    env = {"BIGQUERY_EMULATOR_HOST": emulator.host_port, "PYTHONPATH": str(theirs),
+           "LANGCHAIN_BQ_AUDIT": ""}  # fmt: skip
+    argv = [*bq_audit, sys.executable, str(tmp_path / "check.py")]
+    out = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "theirs ran: yes", out.stderr
+
+    stdout = run_app(tmp_path, [*bq_audit, sys.executable], env)
+    assert "audit loaded: True" in stdout
+    # rows are written by each process's exit drain; `callbacks=[]` calls are left out
+    assert roots_by_user(bq_client, table_name) == {
+        "parent": ["answer for parent"], "worker": ["answer for worker"]
+    }  # fmt: skip
+
+
+def test_install_hook_makes_the_variable_alone_audit_a_whole_virtualenv(
+    emulator, bq_client, table_name, tmp_path
+) -> None:
+    import site
+    import sysconfig
+
+    # a fresh virtualenv that sees this one's packages, like an app's own environment
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site_dir = subprocess.run([python, "-c", where], capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    ours = sysconfig.get_paths()["purelib"]
+    assert ours in site.getsitepackages()
+    (Path(site_dir) / "_base_env.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+
+    hook = [python, "-m", "langchain_bq_audit", "install-hook"]
+    installed = subprocess.run(hook, capture_output=True, text=True, check=True)
+    assert "langchain_bq_audit_hook.pth" in installed.stdout
+    env = {"BIGQUERY_EMULATOR_HOST": emulator.host_port, "BQ_AUDIT_TABLE": table_name}
+
+    # unset: the hook loads nothing, and nothing is written
+    assert "audit loaded: False" in run_app(tmp_path, [python], {**env, "LANGCHAIN_BQ_AUDIT": ""})
+    stdout = run_app(tmp_path, [python], {**env, "LANGCHAIN_BQ_AUDIT": "true"})
+    assert "audit loaded: True" in stdout
+    assert roots_by_user(bq_client, table_name) == {
+        "parent": ["answer for parent"], "worker": ["answer for worker"]
+    }  # fmt: skip
+
+    removed = subprocess.run([python, "-m", "langchain_bq_audit", "uninstall-hook"],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    assert "removed" in removed.stdout
+    assert not (Path(site_dir) / "langchain_bq_audit_hook.pth").exists()

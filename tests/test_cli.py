@@ -19,6 +19,7 @@ from langchain_core.runnables import RunnableLambda
 from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.cli import build_parser
 
+from .conftest import query
 from .proxy import FaultProxy
 
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
@@ -55,7 +56,7 @@ def test_every_command_has_help_with_an_example(command: str) -> None:
 
 
 def test_tail_shows_the_latest_rows_readable_filtered_and_as_json(
-    emulator, make_handler, table_name
+    emulator, bq_client, make_handler, table_name
 ) -> None:
     write_rows(make_handler())
     where = ("--endpoint", emulator.host_port, "--table", table_name)
@@ -76,6 +77,13 @@ def test_tail_shows_the_latest_rows_readable_filtered_and_as_json(
     assert [(r["run_type"], r["status"]) for r in rows] == [("chat_model", "ok"),
                                                            ("chain", "error")]  # fmt: skip
     assert rows[0]["total_tokens"] == 31 and rows[0]["output_text"] == "answer 3"
+
+    # a row written twice (a retry after a lost answer, a replay) shows once
+    full = f"local.language_model_logging.{table_name}"
+    query(bq_client, f"INSERT INTO `{full}` SELECT * FROM `{full}` WHERE session_id = 's-b'")
+    assert len(query(bq_client, f"SELECT 1 FROM `{full}` WHERE session_id = 's-b'")) == 4
+    again = bq_audit("tail", "--json", "--session", "s-b", *where).stdout.splitlines()
+    assert [json.loads(line)["event_id"] for line in again] == [r["event_id"] for r in rows]
 
 
 def test_tail_follow_prints_new_rows_as_they_arrive(emulator, make_handler, table_name) -> None:
@@ -101,8 +109,37 @@ def test_tail_follow_prints_new_rows_as_they_arrive(emulator, make_handler, tabl
         proc.wait(timeout=10)
 
 
+def test_tail_follow_shows_a_row_written_after_rows_that_ended_later(
+    emulator, make_handler, table_name
+) -> None:
+    fast = make_handler()
+    write_rows(fast)
+    # another writer (its own client), holding its rows for a while, as another process would
+    slow = BigQueryAuditHandler(client=emulator.client(), table=table_name, batch_age_s=60)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "langchain_bq_audit", "tail", "-f", "-n", "1", "--interval",
+         "0.3", "--endpoint", emulator.host_port, "--table", table_name],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        assert "error:ValueError" in lines.get(timeout=30)
+        model = GenericFakeChatModel
+        model(messages=iter([AIMessage("ended first")])).invoke("a", config={"callbacks": [slow]})
+        model(messages=iter([AIMessage("ended second")])).invoke("b", config={"callbacks": [fast]})
+        assert fast.flush(timeout=20)
+        assert "'user: b' -> 'ended second'" in lines.get(timeout=30)
+        assert slow.flush(timeout=20)  # written now, with an end time before the newest shown
+        assert "'user: a' -> 'ended first'" in lines.get(timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_stats_summarizes_the_table_and_the_local_spool(
-    emulator, make_handler, table_name, tmp_path
+    emulator, bq_client, make_handler, table_name, tmp_path
 ) -> None:
     write_rows(make_handler())
     spool = tmp_path / "spool"
@@ -124,7 +161,9 @@ def test_stats_summarizes_the_table_and_the_local_spool(
     stats = json.loads(bq_audit("stats", "--json", *where).stdout)
     assert (stats["rows"], stats["sessions"], stats["users"]) == (4, 2, 2)
     assert (stats["model_calls"], stats["total_tokens"], stats["errors"]) == (3, 63, 1)
-    assert stats["last_write"] is not None
+    newest = query(bq_client, f"SELECT MAX(timestamp) AS t FROM `local.language_model_logging."
+                              f"{table_name}`")[0]["t"]  # fmt: skip
+    assert stats["newest_run_end"] == str(newest)
     assert (stats["spooled_rows"], stats["dead_letter_rows"]) == (1, 0)
     human = bq_audit("stats", *where)
     assert human.returncode == 0, human.stderr

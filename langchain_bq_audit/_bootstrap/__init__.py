@@ -1,0 +1,1 @@
+"""The folder `bq-audit run` puts on `PYTHONPATH` (see `global_hook.BOOTSTRAP_DIR`)."""
