@@ -134,13 +134,21 @@ class RunQueue:
                 return
 
     def _sweep(self) -> None:
-        for rec in self.tracker.sweep(time.time()):
-            self.submit(rec)  # counted accepted like any run
+        self._submit_unended(self.tracker.sweep(time.time()))
 
     def _abandon_pending(self) -> None:
         """At close (and so at exit and SIGTERM): runs still in flight leave a row too."""
-        for rec in self.tracker.abandon_all(time.time()):
-            self.submit(rec)
+        self._submit_unended(self.tracker.abandon_all(time.time()))
+
+    def _submit_unended(self, records: list[RunRecord]) -> None:
+        """Runs that never ended, as a failed run would be: left out only by a filter
+        (`keep` False), written even when sampled out (then at `sample_rate` 1)."""
+        for rec in records:
+            if rec.keep is False:
+                continue
+            if rec.keep is None:
+                rec.sample_rate = 1.0
+            self.submit(rec)  # counted accepted like any run
 
     # -- bookkeeping -----------------------------------------------------------------------
 

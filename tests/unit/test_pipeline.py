@@ -293,3 +293,20 @@ def test_a_second_handler_asking_other_delivery_options_is_told_by_name(
     assert second is first
     assert f"{option}={value!r}" in caplog.text and "ignored" in caplog.text
     assert "app_name" not in caplog.text  # a row option: each handler's own
+
+
+def test_runs_pending_at_close_are_written_as_abandoned_unless_filtered_out(tmp_path) -> None:
+    sink = MemorySink()
+    writer = make(tmp_path, sink)
+    kept, sampled_out, filtered = record(), record(), record()
+    sampled_out.keep, filtered.keep = None, False
+    for rec in (kept, sampled_out, filtered):
+        rec.end_time = None
+        writer.tracker.runs[rec.run_id] = rec
+    assert writer.close(timeout=30)
+    rows = {r["run_id"]: r for r in sink.rows.values()}
+    assert set(rows) == {str(kept.run_id), str(sampled_out.run_id)}
+    assert {r["status"] for r in rows.values()} == {"abandoned"}
+    assert rows[str(sampled_out.run_id)]["sample_rate"] == 1.0
+    stats = writer.stats()
+    assert (stats["accepted"], stats["written"]) == (2, 2)
