@@ -25,11 +25,10 @@ from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.spool import Spool, read_segment
 
-from .conftest import accounted, assert_accounted, query, wait_for
+from .conftest import accounted, assert_accounted, query, remount, wait_for
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 def through(proxy: FaultProxy) -> Any:
@@ -99,72 +98,58 @@ def test_permission_denied_is_not_retried_as_an_outage_and_loses_nothing(
     handler.close()
 
 
-@root_only
 def test_a_spool_disk_that_fills_up_during_an_outage_counts_every_row(
-    proxy, bq_client, table_name, tmp_path
+    proxy, bq_client, table_name, tmpfs
 ) -> None:
-    spool_root = tmp_path / "fs"
-    spool_root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool_root)],
-                   check=True)  # fmt: skip
-    try:
-        (spool_root / "filler").write_bytes(b"\0" * 600_000)  # someone else's file
-        handler = BigQueryAuditHandler(
-            client=through(proxy), table=table_name, spool_dir=str(spool_root),
-            batch_age_s=0.05, batch_deadline_s=0.5, batch_rows=20,
-        )  # fmt: skip
-        calls(handler, 5, "up")
-        assert handler.flush(60)
-        proxy.set_mode("reset")
-        calls(handler, 300, "down", text="x" * 3000)  # ~1.2 MB of rows: the disk fills
-        stats = accounted(handler, 120)
-        assert stats["dropped"] > 0 and stats["spooled"] > 0, stats
-        assert "spool" in (stats["last_error"] or "")
-        (spool_root / "filler").unlink()  # the operator frees space
-        calls(handler, 20, "after")  # BigQuery still down: these fit now
-        stats = accounted(handler, 120)
-        proxy.set_mode("pass")
-        wait_for(lambda: handler.stats()["replayed"] == stats["spooled"], 120, "the replay")
-        stats = accounted(handler)
-        assert stats["corrupt_spool_records"] == 0  # no torn record, none swallowed
-        assert stats["accepted"] == 325
-        # exactly the rows not counted dropped are in the table
-        assert count(bq_client, table_name) == stats["written"] + stats["spooled"]
-        assert count(bq_client, table_name) == 325 - stats["dropped"]
-        handler.close()
-    finally:
-        subprocess.run(["umount", "-l", str(spool_root)], check=False)
+    spool_root = tmpfs(1024 * 1024)
+    (spool_root / "filler").write_bytes(b"\0" * 600_000)  # someone else's file
+    handler = BigQueryAuditHandler(
+        client=through(proxy), table=table_name, spool_dir=str(spool_root),
+        batch_age_s=0.05, batch_deadline_s=0.5, batch_rows=20,
+    )  # fmt: skip
+    calls(handler, 5, "up")
+    assert handler.flush(60)
+    proxy.set_mode("reset")
+    calls(handler, 300, "down", text="x" * 3000)  # ~1.2 MB of rows: the disk fills
+    stats = accounted(handler, 120)
+    assert stats["dropped"] > 0 and stats["spooled"] > 0, stats
+    assert "spool" in (stats["last_error"] or "")
+    (spool_root / "filler").unlink()  # the operator frees space
+    calls(handler, 20, "after")  # BigQuery still down: these fit now
+    stats = accounted(handler, 120)
+    proxy.set_mode("pass")
+    wait_for(lambda: handler.stats()["replayed"] == stats["spooled"], 120, "the replay")
+    stats = accounted(handler)
+    assert stats["corrupt_spool_records"] == 0  # no torn record, none swallowed
+    assert stats["accepted"] == 325
+    # exactly the rows not counted dropped are in the table
+    assert count(bq_client, table_name) == stats["written"] + stats["spooled"]
+    assert count(bq_client, table_name) == 325 - stats["dropped"]
+    handler.close()
 
 
-@root_only
 def test_a_read_only_spool_is_replayed_once_not_forever(
-    emulator, bq_client, table_name, tmp_path, caplog
+    emulator, bq_client, table_name, tmpfs, caplog
 ) -> None:
-    spool_root = tmp_path / "fs"
-    spool_root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(spool_root)],
-                   check=True)  # fmt: skip
-    try:
-        closed = BigQueryAuditHandler(emulator_host=f"127.0.0.1:{_free_port()}", project="local",
-                                      table=table_name, spool_dir=str(spool_root),
-                                      batch_deadline_s=0.3)  # fmt: skip
-        calls(closed, 40)
-        closed.close(timeout=10)
-        assert closed.stats()["spooled"] == 40
-        subprocess.run(["mount", "-o", "remount,ro", str(spool_root)], check=True)
-        with caplog.at_level(logging.WARNING, "langchain_bq_audit"):
-            handler = BigQueryAuditHandler(client=bq_client, table=table_name,
-                                           spool_dir=str(spool_root))  # fmt: skip
-            handler._writer.ensure_started()
-            wait_for(lambda: handler.stats()["replayed"] == 40, 60, "the replay")
-            time.sleep(3)  # it was sent ~190 times a second before
-        stats = handler.stats()
-        assert stats["replayed"] == 40 and stats["spool_bytes"] == 0
-        assert "cannot be removed" in caplog.text and caplog.text.count("cannot be removed") == 1
-        assert count(bq_client, table_name, view=False) == 40
-        handler.close()
-    finally:
-        subprocess.run(["umount", "-l", str(spool_root)], check=False)
+    spool_root = tmpfs(4 * 1024 * 1024)
+    closed = BigQueryAuditHandler(emulator_host=f"127.0.0.1:{_free_port()}", project="local",
+                                  table=table_name, spool_dir=str(spool_root),
+                                  batch_deadline_s=0.3)  # fmt: skip
+    calls(closed, 40)
+    closed.close(timeout=10)
+    assert closed.stats()["spooled"] == 40
+    remount(spool_root, "ro")
+    with caplog.at_level(logging.WARNING, "langchain_bq_audit"):
+        handler = BigQueryAuditHandler(client=bq_client, table=table_name,
+                                       spool_dir=str(spool_root))  # fmt: skip
+        handler._writer.ensure_started()
+        wait_for(lambda: handler.stats()["replayed"] == 40, 60, "the replay")
+        time.sleep(3)  # it was sent ~190 times a second before
+    stats = handler.stats()
+    assert stats["replayed"] == 40 and stats["spool_bytes"] == 0
+    assert "cannot be removed" in caplog.text and caplog.text.count("cannot be removed") == 1
+    assert count(bq_client, table_name, view=False) == 40
+    handler.close()
 
 
 def _free_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from langchain_bq_audit.spool import Spool, SpoolWriteError, encode, read_segment
 
-from .conftest import remount
+from ..conftest import remount
 
 DEST = "p.language_model_logging.t"
 
