@@ -120,9 +120,9 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     proxy, bq_client, table_name, spool_dir, writer_process: bool
 ) -> None:
     proxy.set_mode("stall")
-    # an unbounded exit would wait out the 60 s request timeout and the 120 s batch deadline
+    # an unbounded exit would wait out the 30 s request timeout and the 40 s batch deadline
     options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 2.0,
-               "request_timeout_s": 60.0, "batch_deadline_s": 120.0,
+               "request_timeout_s": 30.0, "batch_deadline_s": 40.0,
                "writer_process": writer_process}  # fmt: skip
     child = spawn(CHILD, options, 20, "hung", child_env(proxy.host_port, spool_dir))
     out, err = child.communicate(timeout=90)
@@ -131,14 +131,17 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     last_call = float(out.split()[1])
     # the drain's 2 s plus interpreter teardown, however slow a loaded machine makes it,
     # stays far below the request timeout an unbounded exit would wait for
-    assert exited - last_call < 30, f"exit took {exited - last_call:.2f} s after the work"
+    assert exited - last_call < 25, f"exit took {exited - last_call:.2f} s after the work"
     writer_pid = out.split()[3]
-    if writer_pid != "None":  # the writer process drains on its own after the app is gone
-        wait_for(lambda: gone(int(writer_pid)), 60, "the writer process to end")
+    if writer_pid != "None":  # after the app is gone, the writer process drains on its own
+        # for up to batch_deadline_s (nobody waits for it), then spools what it holds
+        wait_for(lambda: gone(int(writer_pid)), 40 + 60, "the writer process to end")
 
     segments = sorted(spool_dir.rglob("*.seg"))
     spooled = [r for seg in segments for r in read_segment(seg).records]
-    assert sorted(r["user_id"] for r in spooled) == sorted(f"hung-{i}" for i in range(20))
+    # a run the writer process held may be spooled by it and by the app (one event_id)
+    distinct = {r["event_id"]: r["user_id"] for r in spooled}
+    assert sorted(distinct.values()) == sorted(f"hung-{i}" for i in range(20))
 
     # a second process for the same destination, with BigQuery reachable, replays them
     second = spawn(CHILD, {"table": table_name}, 0, "none",

@@ -128,7 +128,7 @@ def test_write_api_outage_spools_then_replays_every_row(
 
     for i in range(100):
         call(i)
-    assert handler.flush(timeout=30)  # the long-lived call is open and rows flow
+    assert handler.flush(timeout=120)  # the long-lived call is open and rows flow
     grpc_proxy.set_mode(fault)
     for i in range(100, 400):
         call(i)
