@@ -86,17 +86,23 @@ def test_tail_shows_the_latest_rows_readable_filtered_and_as_json(
     assert [json.loads(line)["event_id"] for line in again] == [r["event_id"] for r in rows]
 
 
-def test_tail_follow_prints_new_rows_as_they_arrive(emulator, make_handler, table_name) -> None:
-    handler = make_handler()
-    write_rows(handler)
+def follow(emulator: Any, table: str) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
+    """`bq-audit tail -f` on `table`, and a queue of the lines it prints."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "langchain_bq_audit", "tail", "-f", "-n", "1", "--interval",
-         "0.3", "--endpoint", emulator.host_port, "--table", table_name],
+         "0.3", "--endpoint", emulator.host_port, "--table", table],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    return proc, lines
+
+
+def test_tail_follow_prints_new_rows_as_they_arrive(emulator, make_handler, table_name) -> None:
+    handler = make_handler()
+    write_rows(handler)
+    proc, lines = follow(emulator, table_name)
     try:
         assert "error:ValueError" in lines.get(timeout=30)
         GenericFakeChatModel(messages=iter([AIMessage("late answer")])).invoke(
@@ -116,14 +122,7 @@ def test_tail_follow_shows_a_row_written_after_rows_that_ended_later(
     write_rows(fast)
     # another writer (its own client), holding its rows for a while, as another process would
     slow = BigQueryAuditHandler(client=emulator.client(), table=table_name, batch_age_s=60)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "langchain_bq_audit", "tail", "-f", "-n", "1", "--interval",
-         "0.3", "--endpoint", emulator.host_port, "--table", table_name],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-    assert proc.stdout is not None
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    proc, lines = follow(emulator, table_name)
     try:
         assert "error:ValueError" in lines.get(timeout=30)
         model = GenericFakeChatModel
