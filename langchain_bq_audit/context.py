@@ -23,13 +23,16 @@ _CONFIG_MODULE = "langchain_core.runnables.config"
 _child_config: ContextVar[Any] | None = None
 
 
-def configured_identity() -> tuple[Any, Any] | None:
+def configured_identity(
+    session_keys: Sequence[str] = SESSION_KEYS, user_keys: Sequence[str] = USER_KEYS
+) -> tuple[Any, Any] | None:
     """(session, user) named in the `configurable` of the runnable config LangChain has set
     for the runs being started (its `var_child_runnable_config`), or None.
 
     Callbacks are not given the config: a run sees its parent's, which a nested run shares
     (`RunnableWithMessageHistory` and LangGraph pass `configurable` down). Cheap: a few dict
     lookups; langchain_core is not imported here (no runnable has run while it is not).
+    The keys are looked up in order, first present wins (`AuditSettings.session_keys`).
     """
     global _child_config
     var = _child_config
@@ -45,11 +48,11 @@ def configured_identity() -> tuple[Any, Any] | None:
     if not configurable:
         return None
     session = user = None
-    for key in SESSION_KEYS:
+    for key in session_keys:
         session = configurable.get(key)
         if session is not None and session != "":
             break
-    for key in USER_KEYS:
+    for key in user_keys:
         user = configurable.get(key)
         if user is not None and user != "":
             break

@@ -208,7 +208,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             time.time(),
         )
         rec.thread = threading.get_ident()
-        configured = configured_identity()
+        configured = configured_identity(self.settings.session_keys, self.settings.user_keys)
         if configured is not None:
             rec.configured = configured
             # A run's config reaches callbacks only through the runs inside it: the first

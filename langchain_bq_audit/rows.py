@@ -632,6 +632,8 @@ def resolve_session_user(
     session_default: Any,
     user_default: Any,
     configured: tuple[Any, Any] | None = None,
+    session_keys: tuple[str, ...] = SESSION_KEYS,
+    user_keys: tuple[str, ...] = USER_KEYS,
 ) -> tuple[str | None, str | None]:
     """Session and user of a run. Precedence, first present wins:
 
@@ -639,11 +641,12 @@ def resolve_session_user(
     same keys of the run's `configurable` (`configured`, as `context.configured_identity`
     found them); then the default (`audit_context`, else the handler's);
     user: metadata `user_id`, `user`; then `configurable`'s; then the default.
+    `session_keys` / `user_keys` replace those key lists (`AuditSettings`).
     """
     session = user = None
     if metadata:
-        session = _first_key(metadata, SESSION_KEYS)
-        user = _first_key(metadata, USER_KEYS)
+        session = _first_key(metadata, session_keys)
+        user = _first_key(metadata, user_keys)
     if configured is not None:
         session = session or ident_text(configured[0])
         user = user or ident_text(configured[1])
@@ -752,7 +755,12 @@ def _id(value: UUID) -> str:
 def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     end = rec.end_time if rec.end_time is not None else rec.start_time
     session, user = resolve_session_user(
-        _metadata(rec), rec.session_id, rec.user_id, rec.configured
+        _metadata(rec),
+        rec.session_id,
+        rec.user_id,
+        rec.configured,
+        settings.session_keys,
+        settings.user_keys,
     )
     run_id = str(rec.run_id)
     return {

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .context import SESSION_KEYS, USER_KEYS
 from .schema import DEFAULT_DATASET, DEFAULT_LOCATION, DEFAULT_TABLE, DIGEST_TABLE_SUFFIX
 
 ENV_PREFIX = "BQ_AUDIT_"
@@ -107,6 +108,13 @@ class AuditSettings:
     trace is written whole or not at all. Runs that fail are always written. Each row holds
     the rate (1 on failed runs): `SUM(1 / sample_rate)` estimates the unsampled count."""
 
+    # -- who: where session and user are named (README "What a row holds") ---------------
+    session_keys: tuple[str, ...] = SESSION_KEYS
+    """Keys naming a run's session, first present wins, looked up in its metadata and then in
+    its config's `configurable`: add yours, e.g. a `history_factory_config` field id."""
+    user_keys: tuple[str, ...] = USER_KEYS
+    """The same for the user."""
+
     capture_mode: str = "full"
     """full (text as it came, credentials removed), redacted (also e-mails, phones, cards
     and `redactors`), or metadata (no text: hashes and sizes only)."""
@@ -172,10 +180,13 @@ class AuditSettings:
             raise ValueError("digests sign the hash chain: a digest key needs hash_chain=true")
 
     def _check_volume(self) -> None:
-        for name in ("run_types", "skip_names"):  # "a,b" and lists are fine too
+        for name in ("run_types", "skip_names", "session_keys", "user_keys"):  # "a,b" too
             value = getattr(self, name)
             items = value.split(",") if isinstance(value, str) else value
             object.__setattr__(self, name, tuple(str(v).strip() for v in items if str(v).strip()))
+        for name in ("session_keys", "user_keys"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must name at least one key")
         unknown = sorted(set(self.run_types) - set(RUN_TYPES))
         if unknown:
             raise ValueError(

@@ -28,7 +28,7 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.retrievers import BaseRetriever
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import ConfigurableFieldSpec, RunnableLambda
 from langchain_core.runnables.history import RunnableWithMessageHistory
 from langchain_core.tools import ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from langchain_bq_audit import audit_context
 from langchain_bq_audit.integrity import verify
 from langchain_bq_audit.reading import run_query
+from langchain_bq_audit.settings import AuditSettings
 
 from .conftest import query
 from .models import ScriptedChatModel
@@ -268,6 +269,51 @@ def test_message_history_session_id_from_configurable(make_handler, read_rows) -
     assert len(rows) >= 16
     assert {r["session_id"] for r in rows} == {"foo"}
     assert len([r for r in rows if r["name"] == "RunnableWithMessageHistory"]) == 2
+
+
+def test_history_factory_config_keys_of_your_own_name_session_and_user(
+    make_handler, read_rows
+) -> None:
+    """A history keyed by `chat_id` and `member` (its `history_factory_config`): those keys
+    name session and user once `session_keys` / `user_keys` list them; without, neither is
+    guessed."""
+    histories: dict[tuple[str, str], InMemoryChatMessageHistory] = {}
+    prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
+    fields = [
+        ConfigurableFieldSpec(id=key, annotation=str, name=key, default="", is_shared=True)
+        for key in ("chat_id", "member")
+    ]
+    chat = RunnableWithMessageHistory(
+        prompt | FakeListChatModel(responses=["hello"]),
+        lambda chat_id, member: histories.setdefault(
+            (chat_id, str(member)), InMemoryChatMessageHistory()
+        ),
+        input_messages_key="q",
+        history_messages_key="history",
+        history_factory_config=fields,
+    )
+    named = make_handler(session_keys="chat_id,session_id", user_keys=("member",))
+    plain = make_handler()
+    configurable = {"chat_id": "c-9", "member": 41}
+    for handler, case in ((named, "named"), (plain, "plain")):
+        config: Any = {"callbacks": [handler], "configurable": configurable,
+                       "metadata": {"case": case}}  # fmt: skip
+        chat.invoke({"q": "hi"}, config=config)
+    assert len(histories[("c-9", "41")].messages) == 4
+    assert named.flush(timeout=20) and plain.flush(timeout=20)
+
+    rows = read_rows()
+    assert len(rows) >= 16  # eight runs a call
+    found = {(r["metadata"]["case"], r["session_id"], r["user_id"]) for r in rows}
+    assert found == {("named", "c-9", "41"), ("plain", None, None)}
+
+
+def test_session_and_user_keys_are_checked_at_construction() -> None:
+    settings = AuditSettings.from_env({"BQ_AUDIT_SESSION_KEYS": "chat_id, thread_id"})
+    assert settings.session_keys == ("chat_id", "thread_id")
+    assert settings.user_keys == ("user_id", "user")
+    with pytest.raises(ValueError, match="session_keys must name at least one key"):
+        AuditSettings(session_keys=" , ")
 
 
 def test_graph_thread_and_user_from_configurable_reach_every_row(make_handler, read_rows) -> None:

@@ -133,6 +133,12 @@ def test_session_and_user_precedence_and_ids_as_text() -> None:
     assert resolve_session_user({}, "ctx", 12345, ("conf", None)) == ("conf", "12345")
     assert resolve_session_user(None, 7, None, None) == ("7", None)
     assert resolve_session_user({"session_id": "", "user_id": 0}, None, None) == (None, "0")
+    own = ("chat_id",), ("member",)
+    assert resolve_session_user({"session_id": "s", "member": 4}, None, None, None, *own) == (
+        None,
+        "4",
+    )
+    assert resolve_session_user({}, None, None, ("c-1", "m"), *own) == ("c-1", "m")
     assert ident_text(np.int64(9)) == "9" and ident_text(uuid.UUID(int=1)) == str(uuid.UUID(int=1))
 
 
