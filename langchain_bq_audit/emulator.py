@@ -23,10 +23,27 @@ from types import TracebackType
 from typing import Any
 
 EXTENSIONS = ("icu", "ducklake", "spatial")
-INSTALL_HINT = (
-    "install the embedded BigQuery with: pip install 'langchain-bq-audit[local]' "
-    "(it needs Python 3.13)"
+_ELSEWHERE = (
+    "or point at a BigQuery you have: --endpoint http://HOST:PORT (BIGQUERY_EMULATOR_HOST) "
+    "for another emulator, --project for real BigQuery"
 )
+
+
+def install_hint(version: tuple[int, int] = sys.version_info[:2]) -> str:
+    """How to get the embedded BigQuery on this Python: local-bigquery runs on 3.13 only,
+    so on any other version the `local` extra installs nothing and the hint says so."""
+    if version[:2] == (3, 13):
+        return f"install it with: pip install 'langchain-bq-audit[local]', {_ELSEWHERE}"
+    here = f"{version[0]}.{version[1]}"
+    return (
+        f"the embedded BigQuery (local-bigquery) runs on Python 3.13 only and this is "
+        f"Python {here}, where the 'local' extra installs nothing: make a Python 3.13 "
+        f"environment (python3.13 -m venv .venv && .venv/bin/pip install "
+        f"'langchain-bq-audit[local]'), {_ELSEWHERE}"
+    )
+
+
+INSTALL_HINT = install_hint()
 
 
 class EmulatorError(RuntimeError):

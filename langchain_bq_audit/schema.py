@@ -64,7 +64,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("cache_read_tokens", "INT64", _N, "usage", "Input tokens served from a prompt cache."),
     _c("reasoning_tokens", "INT64", _N, "usage", "Output tokens spent on hidden reasoning."),
     _c("cache_write_tokens", "INT64", _N, "usage", "Input tokens written to a prompt cache."),
-    _c("token_usage_source", "STRING", _N, "usage", "provider, stream, estimated or missing."),
+    _c("token_usage_source", "STRING", _N, "usage", "provider, stream (chunks' sum) or missing."),
     _c("cost_usd", "FLOAT64", _N, "cost", "Price of the call in USD; NULL when not known."),
     _c("cost_details", "JSON", _N, "cost", "The price's parts in USD and what was priced."),
     _c("price_source", "STRING", _N, "cost", "Where the price came from and its data version."),
