@@ -234,22 +234,19 @@ def _client_and_table(args: argparse.Namespace) -> tuple[Any, str]:
     return client, table_id(client, settings)
 
 
-def _cut(text: Any, width: int) -> str:
-    flat = " ".join(str(text or "").split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
 def _tail_line(row: dict[str, Any]) -> str:
+    from .traces import cut
+
     tokens = f"{row['total_tokens']} tok" if row.get("total_tokens") is not None else "- tok"
     latency = f"{row['latency_ms']:.0f} ms" if row.get("latency_ms") is not None else "-"
     status = row.get("status") or "-"
     if row.get("error_type"):
         status = f"{status}:{row['error_type']}"
     return (
-        f"{row['timestamp']:%Y-%m-%d %H:%M:%S}  {_cut(row.get('session_id') or '-', 12):12}  "
-        f"{_cut(row.get('user_id') or '-', 10):10}  {row.get('run_type') or '-':10}  "
-        f"{_cut(row.get('name') or '-', 18):18}  {_cut(status, 24):24}  {tokens:>8}  "
-        f"{latency:>8}  {_cut(row.get('input_text'), 40)!r} -> {_cut(row.get('output_text'), 40)!r}"
+        f"{row['timestamp']:%Y-%m-%d %H:%M:%S}  {cut(row.get('session_id') or '-', 12):12}  "
+        f"{cut(row.get('user_id') or '-', 10):10}  {row.get('run_type') or '-':10}  "
+        f"{cut(row.get('name') or '-', 18):18}  {cut(status, 24):24}  {tokens:>8}  "
+        f"{latency:>8}  {cut(row.get('input_text'), 40)!r} -> {cut(row.get('output_text'), 40)!r}"
     )
 
 
@@ -291,6 +288,52 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             show(new)
             seen.update((r["event_id"], r["timestamp"]) for r in new)
             seen = {k: t for k, t in seen.items() if t > since}  # what the next poll can read
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import json
+
+    from .reading import trace_rows
+    from .traces import trace_lines
+
+    client, table = _client_and_table(args)
+    rows = trace_rows(client, table, args.id)
+    if not rows:
+        print(f"bq-audit: no run in {table} has trace id, run id or event id {args.id!r}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    lines = [json.dumps(r, default=str) for r in rows] if args.json else trace_lines(rows)
+    print("\n".join(lines))
+    return 0
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from .reading import recent_sessions
+    from .traces import session_lines
+
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"bq-audit: --since wants a date or time like 2026-11-25 or "
+                  f"2026-11-25T14:00, got {args.since!r}", file=sys.stderr)  # fmt: skip
+            return 2
+        since = since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
+    client, table = _client_and_table(args)
+    sessions = recent_sessions(client, table, args.limit, since)
+    if not sessions:
+        print(f"no sessions in {table}" + (f" since {args.since}" if since else ""),
+              file=sys.stderr)  # fmt: skip
+        return 0
+    if args.json:
+        print("\n".join(json.dumps(s, default=str) for s in sessions))
+    else:
+        print("\n".join(session_lines(sessions)))
     return 0
 
 
@@ -505,6 +548,32 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--json", action="store_true", help="one JSON object a line")
     _add_destination(tail, endpoint=True)
     tail.set_defaults(func=_cmd_tail)
+
+    tr = add(
+        "trace",
+        "Show one trace as a run tree: per run its type, status, latency, tokens, cost and "
+        "the start of its input and output. Exit code 1 when no run matches.",
+        "bq-audit trace 1f0c6b1e-2f7a-4c1e-9a51-4f4f2e0b7d11",
+    )
+    tr.add_argument("id", metavar="TRACE_ID",
+                    help="a trace id (a root run's id), or the run id or event id of any "
+                         "run of the trace")  # fmt: skip
+    tr.add_argument("--json", action="store_true", help="its rows, one JSON object a line")
+    _add_destination(tr, endpoint=True)
+    tr.set_defaults(func=_cmd_trace)
+
+    ses = add(
+        "sessions",
+        "List the latest sessions, newest first, with their runs, model calls, tokens, cost, "
+        "errors, users and first and last time (from the _sessions view).",
+        "bq-audit sessions --limit 10 --since 2026-11-25",
+    )
+    ses.add_argument("--limit", type=int, default=20, help="how many sessions (default 20)")
+    ses.add_argument("--since", help="only sessions with a run that ended since this date or "
+                                     "UTC time (2026-11-25, 2026-11-25T14:00)")  # fmt: skip
+    ses.add_argument("--json", action="store_true", help="one JSON object a line")
+    _add_destination(ses, endpoint=True)
+    ses.set_defaults(func=_cmd_sessions)
 
     st = add(
         "stats",

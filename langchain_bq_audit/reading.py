@@ -1,5 +1,6 @@
-"""Reading the audit table back: the latest rows and a summary (for `bq-audit tail`/`stats`
-and the notebook helper). Every query is bounded in time and never retried for minutes."""
+"""Reading the audit table back: the latest rows, a summary, one trace's runs and the latest
+sessions (for `bq-audit tail`/`stats`/`trace`/`sessions` and the notebook helper). Every query is
+bounded in time and never retried for minutes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ from typing import Any
 TAIL_COLUMNS = (
     "timestamp", "session_id", "user_id", "run_type", "name", "status", "model_name",
     "total_tokens", "latency_ms", "input_text", "output_text", "error_type", "event_id",
+)  # fmt: skip
+
+
+TRACE_COLUMNS = (
+    "trace_id", "run_id", "parent_run_id", "event_id", "name", "run_type", "status",
+    "error_type", "start_time", "timestamp", "latency_ms", "total_tokens", "cost_usd",
+    "model_name", "session_id", "user_id", "input_text", "output_text",
+)  # fmt: skip
+
+SESSION_COLUMNS = (
+    "session_id", "first_time", "last_time", "runs", "calls", "total_tokens", "errors",
+    "users", "user_ids",
 )  # fmt: skip
 
 
@@ -81,3 +94,46 @@ def summary(client: Any, table: str) -> dict[str, Any]:
     )
     row["total_tokens"] = row["total_tokens"] or 0
     return row
+
+
+def trace_rows(
+    client: Any, table: str, id_: str, columns: tuple[str, ...] | None = TRACE_COLUMNS
+) -> list[dict[str, Any]]:
+    """Every run of the trace that `id_` names, oldest start first: `id_` is a trace id, or
+    the run id or event id of any run of it (a run id used in two calls names both traces).
+    `columns=None` selects every column. Empty when nothing matches.
+
+    Read through the dedup query (`views.dedup`), filtered on the trace before it numbers
+    copies: a row written twice shows once."""
+    from .views import dedup
+
+    cols = "*" if columns is None else ", ".join(f"`{c}`" for c in columns)
+    traces = f"SELECT trace_id FROM `{table}` WHERE @id IN (trace_id, run_id, event_id)"
+    sql = (
+        f"SELECT {cols} FROM ({dedup(table, f'trace_id IN ({traces})')}) "
+        "ORDER BY COALESCE(start_time, timestamp), timestamp, event_id"
+    )
+    return run_query(client, sql, {"id": id_})
+
+
+def recent_sessions(
+    client: Any, table: str, limit: int = 20, since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """The `limit` sessions whose last run ended latest (newest first), optionally only those
+    active since `since`, from the `<table>_sessions` view (`SESSION_COLUMNS`), each with
+    `cost_usd`: the sum of its runs' `cost_usd`, None when none of them has a price."""
+    from .views import DEDUP
+
+    where, params = "TRUE", {}
+    if since is not None:
+        where, params = "last_time >= @since", {"since": since}
+    cols = ", ".join(f"s.`{c}`" for c in SESSION_COLUMNS)
+    sql = (
+        f"WITH s AS (SELECT * FROM `{table}_sessions` WHERE {where} "
+        f"ORDER BY last_time DESC LIMIT {int(limit)}),\n"
+        f"c AS (SELECT session_id, SUM(cost_usd) AS cost_usd FROM `{table}{DEDUP}` "
+        "WHERE session_id IN (SELECT session_id FROM s) GROUP BY session_id)\n"
+        f"SELECT {cols}, c.cost_usd FROM s LEFT JOIN c USING (session_id) "
+        "ORDER BY s.last_time DESC, s.session_id"
+    )
+    return run_query(client, sql, params)

@@ -233,3 +233,30 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
 def remount(point: Path, mode: str) -> None:
     """Remount a tmpfs `ro` or `rw`, as an operator (or a failing disk) would."""
     subprocess.run(["mount", "-o", f"remount,{mode}", str(point)], check=True)
+
+
+TRACE = "00000000-0000-4000-8000-000000000019"
+
+
+def run_traced_chain(handler: BigQueryAuditHandler) -> None:
+    """`prompt | FakeListChatModel | StrOutputParser | tool` as trace `TRACE`, then a second
+    trace in the same session that must not show in it."""
+    from uuid import UUID
+
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.tools import tool
+
+    @tool
+    def shout(text: str) -> str:
+        """Say `text` loudly."""
+        return text.upper() + "!"
+
+    prompt = ChatPromptTemplate.from_messages([("human", "Tell me about {topic}")])
+    chain = prompt | FakeListChatModel(responses=["cats purr", "dogs bark"]) | StrOutputParser()
+    meta = {"session_id": "s-trace", "user_id": "ana"}
+    for topic, run_id in (("cats", UUID(TRACE)), ("dogs", None)):
+        (chain | shout).invoke({"topic": topic}, config={
+            "callbacks": [handler], "metadata": meta, "run_id": run_id})  # fmt: skip
+    assert handler.flush(timeout=20)

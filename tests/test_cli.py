@@ -19,7 +19,7 @@ from langchain_core.runnables import RunnableLambda
 from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.cli import build_parser
 
-from .conftest import query
+from .conftest import TRACE, query, run_traced_chain
 from .proxy import FaultProxy
 
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
@@ -195,3 +195,87 @@ def test_errors_a_new_user_meets_are_one_line_with_a_hint(
 
     unreachable = one_clear_line(bq_audit("stats", "--endpoint", "127.0.0.1:9"))
     assert "cannot reach BigQuery" in unreachable
+
+
+def test_trace_prints_the_run_tree_of_one_trace(emulator, bq_client, make_handler,
+                                                table_name) -> None:  # fmt: skip
+    run_traced_chain(make_handler())
+    where = ("--endpoint", emulator.host_port, "--table", table_name)
+    full = f"local.language_model_logging.{table_name}"
+    # a retry or replay writes rows twice: the trace shows each run once
+    query(bq_client, f"INSERT INTO `{full}` SELECT * FROM `{full}` WHERE trace_id = @t", t=TRACE)
+
+    proc = bq_audit("trace", TRACE, *where)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in query(bq_client, f"SELECT * FROM `{full}` WHERE trace_id = @t",
+                                        t=TRACE)}  # fmt: skip
+    assert len(rows) == 5
+
+    def ms(name: str) -> str:  # latency is the one value no test can fix: the table's own
+        latency = rows[name]["latency_ms"]
+        return f"{latency:.1f} ms" if latency < 10 else f"{latency:,.0f} ms"
+
+    start = rows["RunnableSequence"]["start_time"]
+    assert proc.stdout.splitlines() == [
+        f"trace {TRACE}: 5 runs, 1 model call(s), 0 error(s), - tokens, cost -; "
+        f"session s-trace, user ana; started {start:%Y-%m-%d %H:%M:%S} UTC",
+        "run                                 type        status              latency   tokens"
+        "        cost  input -> output",
+        f"RunnableSequence                    chain       ok                "
+        f"{ms('RunnableSequence'):>9}        -           -  'cats' -> 'CATS PURR!'",
+        f"  ChatPromptTemplate                chain       ok                "
+        f"{ms('ChatPromptTemplate'):>9}        -           -  "
+        "'cats' -> 'user: Tell me about cats'",
+        f"  FakeListChatModel                 chat_model  ok                "
+        f"{ms('FakeListChatModel'):>9}        -           -  "
+        "'user: Tell me about cats' -> 'cats purr'",
+        f"  StrOutputParser                   chain       ok                "
+        f"{ms('StrOutputParser'):>9}        -           -  'cats purr' -> 'cats purr'",
+        f"  shout                             tool        ok                "
+        f"{ms('shout'):>9}        -           -  'cats purr' -> 'CATS PURR!'",
+    ]  # fmt: skip
+    # any run's id, or any row's event id, names the same trace
+    model = rows["FakeListChatModel"]
+    assert bq_audit("trace", model["run_id"], *where).stdout == proc.stdout
+    assert bq_audit("trace", model["event_id"], *where).stdout == proc.stdout
+    as_json = bq_audit("trace", TRACE, "--json", *where).stdout.splitlines()
+    assert sorted(json.loads(x)["name"] for x in as_json) == sorted(rows)
+
+    unknown = bq_audit("trace", "no-such-trace", *where)
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.splitlines() == [
+        f"bq-audit: no run in {full} has trace id, run id or event id 'no-such-trace'"
+    ]
+
+
+def test_sessions_lists_the_latest_sessions_with_their_totals(
+    emulator, bq_client, make_handler, table_name
+) -> None:
+    write_rows(make_handler())
+    where = ("--endpoint", emulator.host_port, "--table", table_name)
+    full = f"local.language_model_logging.{table_name}"
+    query(bq_client, f"INSERT INTO `{full}` SELECT * FROM `{full}`")  # every row twice
+
+    proc = bq_audit("sessions", *where)
+    assert proc.returncode == 0, proc.stderr
+    times = {r["session_id"]: r for r in query(
+        bq_client, f"SELECT session_id, MIN(start_time) AS first, MAX(timestamp) AS last "
+        f"FROM `{full}` GROUP BY session_id")}  # fmt: skip
+
+    def when(session: str) -> str:
+        return "  ".join(f"{times[session][k]:%Y-%m-%d %H:%M:%S}" for k in ("first", "last"))
+
+    assert proc.stdout.splitlines() == [
+        "session               first run (UTC)      last run (UTC)        runs  calls    tokens"
+        "        cost  errors  users",
+        f"s-b                   {when('s-b')}      2      1        31           -       1  1: bob",
+        f"s-a                   {when('s-a')}      2      2        32           -       0  1: ana",
+    ]  # fmt: skip
+    newest = bq_audit("sessions", "--limit", "1", "--json", *where).stdout.splitlines()
+    assert [json.loads(x)["session_id"] for x in newest] == ["s-b"]
+    assert json.loads(newest[0])["cost_usd"] is None  # no model here has a price
+    later = bq_audit("sessions", "--since", "2999-01-01", *where)
+    assert later.returncode == 0 and later.stdout == ""
+    assert later.stderr.strip() == f"no sessions in {full} since 2999-01-01"
+    bad = bq_audit("sessions", "--since", "yesterday", *where)
+    assert bad.returncode == 2 and "--since wants a date" in bad.stderr
