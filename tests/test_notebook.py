@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
 import nbformat
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
 from nbclient import NotebookClient
+
+from langchain_bq_audit import notebook
+from langchain_bq_audit.settings import AuditSettings
+
+from .conftest import TRACE, run_traced_chain
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
 
@@ -41,7 +50,12 @@ def test_quickstart_notebook_runs_and_shows_its_tables_and_plots(tmp_path, monke
 
     assert "streamed: Answer number 9." in text
     assert "failed as expected: the tool is down" in text
-    assert sum("image/png" in d for d in data) == 2  # latency histogram, tokens per user
+    # latency histogram, tokens per user, one trace's timeline, tokens and cost over time
+    pngs = [base64.b64decode(d["image/png"]) for d in data if "image/png" in d]
+    assert len(pngs) == 4
+    for i, png in enumerate(pngs):  # what a person sees, as files of this test run
+        (tmp_path / f"figure-{i}.png").write_bytes(png)
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000, (i, len(png))
     html = "".join(d.get("text/html", "") for d in data)
     for session in ("s-1", "s-2", "s-3"):
         assert session in html
@@ -59,7 +73,65 @@ def test_quickstart_notebook_runs_and_shows_its_tables_and_plots(tmp_path, monke
         "2", "s-3", "5", lines["s-3"][1], "0", "1",
     ]  # fmt: skip
 
+    trace = next(t for t in tables if "depth" in t).splitlines()
+    assert trace[0].split() == ["depth", "name", "run_type", "latency_ms", "total_tokens",
+                                "cost_usd"]  # fmt: skip
+    assert [line.split()[1:4] for line in trace[1:]] == [
+        ["0", "RunnableSequence", "chain"], ["1", "ChatPromptTemplate", "chain"],
+        ["1", "GenericFakeChatModel", "chat_model"], ["1", "StrOutputParser", "chain"],
+    ]  # fmt: skip
+    # the last call of s-1 (i = 2) used 20 + 3 * 2 input and 5 + 2 output tokens; no price
+    assert trace[3].split()[-2:] == ["33.0", "None"]
+
     # the embedded BigQuery keeps its data: a second run shows the same figures, not twice
-    figures = [t for t in tables if "timestamp" not in t]  # per session, per user, in SQL
-    assert len(figures) == 3
-    assert [t for t in run_notebook(tmp_path)[2] if "timestamp" not in t] == figures
+    def figures(tables: list[str]) -> list[str]:  # per session, per user, in SQL
+        return [t for t in tables if "timestamp" not in t and "depth" not in t]
+
+    assert len(figures(tables)) == 3
+    assert figures(run_notebook(tmp_path)[2]) == figures(tables)
+
+
+def test_trace_timeline_and_usage_plots_show_what_the_table_holds(
+    bq_client, make_handler, table_name, tmp_path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    nb = notebook.AuditNotebook(AuditSettings(table=table_name), bq_client)
+    handler = make_handler()
+    run_traced_chain(handler)
+    usage = [{"input_tokens": 10 * i, "output_tokens": 1, "total_tokens": 10 * i + 1}
+             for i in (1, 2)]  # fmt: skip
+    model = GenericFakeChatModel(messages=iter([AIMessage("a", usage_metadata=u) for u in usage]))
+    for question in ("q1", "q2"):
+        model.invoke(question, config={"callbacks": [handler]})
+    assert handler.flush(timeout=20)
+
+    trace = nb.trace(TRACE)
+    assert list(zip(trace.depth, trace.name, strict=True)) == [
+        (0, "RunnableSequence"), (1, "ChatPromptTemplate"), (1, "FakeListChatModel"),
+        (1, "StrOutputParser"), (1, "shout"),
+    ]  # fmt: skip
+    ax = notebook.plot_trace(trace)
+    bars = ax.patches
+    assert len(bars) == len(trace) == 5  # one bar per run of the trace
+    labels = [t.get_text().rstrip() for t in ax.get_yticklabels()]
+    assert labels == ["RunnableSequence", "  ChatPromptTemplate", "  FakeListChatModel",
+                      "  StrOutputParser", "  shout"]  # fmt: skip
+    # each bar spans its run: from its start (ms after the root's) to its end
+    ms = (trace.timestamp - trace.start_time).dt.total_seconds() * 1000
+    assert [b.get_width() for b in bars] == pytest.approx(list(ms))
+    offsets = (trace.start_time - trace.start_time[0]).dt.total_seconds() * 1000
+    assert [b.get_x() for b in bars] == pytest.approx(list(offsets))
+    assert all(b.get_x() + b.get_width() <= bars[0].get_width() for b in bars[1:])
+    assert bars[2].get_facecolor() != bars[1].get_facecolor()  # the model call stands out
+    ax.figure.savefig(tmp_path / "trace.png")
+
+    tokens_ax, cost_ax = notebook.plot_usage(nb.recent(100))
+    (line,) = tokens_ax.lines  # running total of the model calls, in the order they ended
+    assert list(line.get_ydata()) == [0, 0, 11, 32]  # FakeListChatModel (twice): no usage
+    assert not cost_ax.lines and "no call has a price" in cost_ax.texts[0].get_text()
+    tokens_ax.figure.savefig(tmp_path / "usage.png")
+    for name in ("trace.png", "usage.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000, (name, len(png))
