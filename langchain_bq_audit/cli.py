@@ -315,6 +315,10 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     from .reading import recent_sessions
     from .traces import session_lines
 
+    if args.limit < 1:
+        print(f"bq-audit: --limit wants a number of sessions, 1 or more, got {args.limit}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     since = None
     if args.since:
         try:

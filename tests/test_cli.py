@@ -279,3 +279,5 @@ def test_sessions_lists_the_latest_sessions_with_their_totals(
     assert later.stderr.strip() == f"no sessions in {full} since 2999-01-01"
     bad = bq_audit("sessions", "--since", "yesterday", *where)
     assert bad.returncode == 2 and "--since wants a date" in bad.stderr
+    none = bq_audit("sessions", "--limit", "0", *where)
+    assert none.returncode == 2 and "--limit wants a number of sessions" in none.stderr
