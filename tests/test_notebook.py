@@ -27,6 +27,19 @@ def test_notebook_is_committed_without_outputs() -> None:
             assert cell.outputs == [] and cell.execution_count is None
 
 
+def pixels(png: bytes, colour: str) -> int:
+    """How many pixels of the PNG image `png` are `colour` (a matplotlib colour name): an
+    empty figure has none of the colours matplotlib fills bars and draws lines with."""
+    import io
+
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    image = imread(io.BytesIO(png), format="png")[..., :3]
+    return int((np.abs(image - to_rgb(colour)).max(axis=-1) < 0.02).sum())
+
+
 def run_notebook(tmp_path: Path) -> tuple[str, list[Any], list[str]]:
     """(stream text, rich outputs, plain-text tables) of one headless run of the notebook."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -55,7 +68,8 @@ def test_quickstart_notebook_runs_and_shows_its_tables_and_plots(tmp_path, monke
     assert len(pngs) == 4
     for i, png in enumerate(pngs):  # what a person sees, as files of this test run
         (tmp_path / f"figure-{i}.png").write_bytes(png)
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000, (i, len(png))
+        assert png.startswith(b"\x89PNG") and pixels(png, "tab:blue") > 100, i  # bars, lines
+    assert pixels(pngs[2], "tab:gray") > 1000  # the timeline's chain runs around the model's
     html = "".join(d.get("text/html", "") for d in data)
     for session in ("s-1", "s-2", "s-3"):
         assert session in html
@@ -132,6 +146,6 @@ def test_trace_timeline_and_usage_plots_show_what_the_table_holds(
     assert list(line.get_ydata()) == [0, 0, 11, 32]  # FakeListChatModel (twice): no usage
     assert not cost_ax.lines and "no call has a price" in cost_ax.texts[0].get_text()
     tokens_ax.figure.savefig(tmp_path / "usage.png")
-    for name in ("trace.png", "usage.png"):
-        png = (tmp_path / name).read_bytes()
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000, (name, len(png))
+    timeline, usage_png = ((tmp_path / n).read_bytes() for n in ("trace.png", "usage.png"))
+    assert pixels(timeline, "tab:blue") > 100 and pixels(timeline, "tab:gray") > 1000
+    assert pixels(usage_png, "tab:blue") > 100  # the tokens line
