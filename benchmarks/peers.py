@@ -136,7 +136,7 @@ class DummyEndpoint:
         self.proc.wait()
 
 
-def fake_adc(endpoint: DummyEndpoint) -> None:
+def fake_adc(token_url: str) -> None:
     """Application Default Credentials for the Google peers, which take no credentials of
     their own: a service account with a fresh key whose token endpoint is the dummy server
     (an `authorized_user` file would not do: google-auth always sends those to Google)."""
@@ -150,11 +150,13 @@ def fake_adc(endpoint: DummyEndpoint) -> None:
     with open(path, "w") as f:
         json.dump({"type": "service_account", "project_id": "local", "private_key_id": "bench",
                    "private_key": pem, "client_email": "bench@local.iam.gserviceaccount.com",
-                   "client_id": "1", "token_uri": f"{endpoint.url}/token"}, f)  # fmt: skip
+                   "client_id": "1", "token_uri": token_url}, f)  # fmt: skip
     os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = path
 
 
-def google_community_handler(bq: LocalBigQuery, endpoint: DummyEndpoint, table: str) -> Any:
+def google_community_handler(
+    rest: str, grpc_target: str, project: str, token_url: str, table: str, **config: Any
+) -> Any:
     """langchain-google-community's `BigQueryCallbackHandler` writing to the emulator.
 
     Its REST client follows `BIGQUERY_EMULATOR_HOST`; its Storage Write client has no
@@ -175,16 +177,15 @@ def google_community_handler(bq: LocalBigQuery, endpoint: DummyEndpoint, table: 
         BigQueryLoggerConfig,
     )
 
-    os.environ["BIGQUERY_EMULATOR_HOST"] = bq.endpoint
-    fake_adc(endpoint)
-    bq.client().create_dataset(PEER_DATASET, exists_ok=True)
+    os.environ["BIGQUERY_EMULATOR_HOST"] = rest
+    fake_adc(token_url)
 
     class OnEmulator(BigQueryCallbackHandler):  # type: ignore[misc]
         def _ensure_started(self) -> None:
             if self._started:
                 return
             super()._ensure_started()
-            transport = BigQueryWriteGrpcTransport(channel=grpc.insecure_channel(bq.grpc_target))
+            transport = BigQueryWriteGrpcTransport(channel=grpc.insecure_channel(grpc_target))
             self.write_client = BigQueryWriteClient(transport=transport)  # type: ignore[no-untyped-call]
             self.batch_processor.write_client = self.write_client
             stream = self.batch_processor.write_stream
@@ -193,13 +194,11 @@ def google_community_handler(bq: LocalBigQuery, endpoint: DummyEndpoint, table: 
                     "streams/_default"
                 )
 
-    # Its defaults but two: the analytics views are skipped because the emulator's SQL does
-    # not take their DDL (made once, at set-up, not per call), and rows go 100 to a request
-    # (default 1: one request a row, 8 a call; a block of 200 calls then takes minutes to
-    # drain here; benchmarks/peers_rows.py measures that default's rate).
-    config = BigQueryLoggerConfig(create_views=False, batch_size=100)
-    return OnEmulator(project_id=bq.project, dataset_id=PEER_DATASET, table_id=table,
-                      config=config)  # fmt: skip
+    # Its defaults but `config` and one: the analytics views are skipped because the
+    # emulator's SQL does not take their DDL (made once, at set-up, not per call).
+    options = {"create_views": False, **config}
+    return OnEmulator(project_id=project, dataset_id=PEER_DATASET, table_id=table,
+                      config=BigQueryLoggerConfig(**options))  # fmt: skip
 
 
 @dataclass
@@ -256,7 +255,11 @@ def langsmith_variant(endpoint: DummyEndpoint) -> Variant:
 
 
 def google_variant(bq: LocalBigQuery, endpoint: DummyEndpoint) -> Variant:
-    handler = google_community_handler(bq, endpoint, "peers_bench")
+    bq.client().create_dataset(PEER_DATASET, exists_ok=True)
+    # Rows 100 to a request: its default, 1, sends one request a row (8 a call), and a block
+    # of 200 calls then takes minutes to drain here (benchmarks/peers_rows.py measures it).
+    handler = google_community_handler(bq.endpoint, bq.grpc_target, bq.project,
+                                       f"{endpoint.url}/token", "peers_bench", batch_size=100)
 
     def drain() -> None:
         handler.flush(timeout=300)
