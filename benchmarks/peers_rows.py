@@ -2,7 +2,7 @@
 at process exit without an explicit flush, measured against the embedded BigQuery.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python -m benchmarks.peers_rows [--calls 50]
+    .venv/bin/python -m benchmarks.peers_rows [--calls 20]
 
 For this handler and langchain-google-community's `BigQueryCallbackHandler` (default
 config, views off: the emulator's SQL does not take their DDL): the table's columns, the rows
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
@@ -30,6 +31,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from benchmarks.peers import PEER_DATASET, DummyEndpoint, google_community_handler
 from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.emulator import LocalBigQuery
+from langchain_bq_audit.spool import destination_dir, read_segment
 
 
 def chain() -> Any:
@@ -78,9 +80,15 @@ def settled_count(bq: LocalBigQuery, table: str, quiet_s: float = 5.0) -> int:
         time.sleep(0.5)
 
 
+def spooled(project: str, table: str) -> int:
+    """Rows this handler left in its disk spool for `project.table` (replayed later)."""
+    folder = destination_dir(Path(os.environ["BQ_AUDIT_SPOOL_DIR"]), f"{project}.{table}")
+    return sum(len(read_segment(p).records) for p in sorted(folder.glob("*.seg")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--child", choices=["ours", "google"])
     for name in ("rest", "grpc", "project", "token-url", "table"):
         parser.add_argument(f"--{name}")
@@ -132,9 +140,19 @@ def main() -> None:
                     if flush and done.stdout.strip():
                         seconds = float(done.stdout.strip().splitlines()[-1])
                         extra = f"; the flush took {seconds:.1f} s"
+                    if kind == "ours":
+                        extra += f"; {spooled(bq.project, table)} rows in its disk spool"
                     lines.append(f"{name}: {args.calls} calls in a child process, {how}: "
                                  f"{rows} of {expected} rows written (child ran {exited:.1f} s, "
                                  f"exit code {done.returncode}{extra})")  # fmt: skip
+                    if kind == "ours" and not flush:  # what the next process finds
+                        subprocess.run([sys.executable, "-m", "langchain_bq_audit", "replay",
+                                        "--endpoint", bq.endpoint, "--project", bq.project,
+                                        "--table", table.split(".")[1]],
+                                       capture_output=True, check=True)  # fmt: skip
+                        after = settled_count(bq, table)
+                        lines.append(f"{name}:   then `bq-audit replay`: {after} of {expected} "
+                                     "rows written")  # fmt: skip
                 if kind == "google":
                     handler.shutdown()
                 else:
