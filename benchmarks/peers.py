@@ -258,8 +258,14 @@ def google_variant(bq: LocalBigQuery, endpoint: DummyEndpoint) -> Variant:
     bq.client().create_dataset(PEER_DATASET, exists_ok=True)
     # Rows 100 to a request: its default, 1, sends one request a row (8 a call), and a block
     # of 200 calls then takes minutes to drain here (benchmarks/peers_rows.py measures it).
-    handler = google_community_handler(bq.endpoint, bq.grpc_target, bq.project,
-                                       f"{endpoint.url}/token", "peers_bench", batch_size=100)
+    handler = google_community_handler(
+        bq.endpoint,
+        bq.grpc_target,
+        bq.project,
+        f"{endpoint.url}/token",
+        "peers_bench",
+        batch_size=100,
+    )
 
     def drain() -> None:
         handler.flush(timeout=300)
