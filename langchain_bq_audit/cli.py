@@ -373,7 +373,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         if type(exc).__name__ != "NotFound":
             raise
         remote = dict.fromkeys(("rows", "sessions", "users", "model_calls", "total_tokens",
-                                "errors", "newest_run_end"))  # fmt: skip
+                                "errors", "newest_run_end", "cost_usd", "unpriced_calls",
+                                "model_calls_24h", "cost_usd_24h"))  # fmt: skip
         print(f"table {table}: not found (bq-audit init creates it)", file=sys.stderr)
     if args.json:
         print(json.dumps({"table": table, **remote, **local, "spools": spools}, default=str))
@@ -383,6 +384,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
           f"{remote['users']} users, {remote['model_calls']} model calls, "
           f"{remote['total_tokens']} tokens, {remote['errors']} errors, "
           f"newest run ended {remote['newest_run_end'] or 'never'}")  # fmt: skip
+        print(f"cost: ${remote['cost_usd']:,.6f} in all; ${remote['cost_usd_24h']:,.6f} over "
+              f"{remote['model_calls_24h']} model calls in the last 24 h; "
+              f"{remote['unpriced_calls']} model calls without a price")  # fmt: skip
     for one in spools:
         if one is not local and not (one["spooled_rows"] or one["dead_letter_rows"]):
             continue
@@ -581,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = add(
         "stats",
-        "Rows, sessions, tokens and errors of the table; rows waiting in the local spool.",
+        "Rows, sessions, tokens, cost and errors of the table; rows waiting in the local spool.",
         "bq-audit stats --json",
     )
     st.add_argument("--json", action="store_true", help="one JSON object")

@@ -81,18 +81,29 @@ def recent_rows(
     return list(reversed(run_query(client, sql, params)))
 
 
-def summary(client: Any, table: str) -> dict[str, Any]:
+def summary(client: Any, table: str, now: dt.datetime | None = None) -> dict[str, Any]:
     """Rows, sessions, users, model calls, tokens, errors of `table`, and when its newest run
-    ended (`newest_run_end`: the table has no write time; a replayed row keeps its end)."""
+    ended (`newest_run_end`: the table has no write time; a replayed row keeps its end).
+    Cost in USD: `cost_usd` (all time), `unpriced_calls` (model calls without a price, not
+    in it), and over the 24 h before `now` (default: the clock) `cost_usd_24h` and
+    `model_calls_24h`. Read through the dedup query: a row written twice counts once."""
+    from .views import MODEL_RUNS, dedup
+
+    since = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(hours=24)
     (row,) = run_query(
         client,
         "SELECT COUNT(DISTINCT event_id) AS rows, COUNT(DISTINCT session_id) AS sessions, "
-        "COUNT(DISTINCT user_id) AS users, "
-        "COUNTIF(run_type IN ('llm', 'chat_model')) AS model_calls, "
+        f"COUNT(DISTINCT user_id) AS users, COUNTIF({MODEL_RUNS}) AS model_calls, "
         "SUM(total_tokens) AS total_tokens, COUNTIF(status = 'error') AS errors, "
-        f"MAX(timestamp) AS newest_run_end FROM `{table}`",
+        "MAX(timestamp) AS newest_run_end, SUM(cost_usd) AS cost_usd, "
+        f"COUNTIF({MODEL_RUNS} AND cost_usd IS NULL) AS unpriced_calls, "
+        f"COUNTIF({MODEL_RUNS} AND timestamp >= @since) AS model_calls_24h, "
+        "SUM(IF(timestamp >= @since, cost_usd, NULL)) AS cost_usd_24h "
+        f"FROM ({dedup(table)})",
+        {"since": since},
     )
-    row["total_tokens"] = row["total_tokens"] or 0
+    for key in ("total_tokens", "cost_usd", "cost_usd_24h"):
+        row[key] = row[key] or 0
     return row
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from uuid import UUID
 
 from .context import SESSION_KEYS, USER_KEYS
+from .cost import row_cost
 from .records import RunRecord, is_graph_bubble_up
 from .redact import REMOVED, capture, is_secret_key, may_hold_secret_key, redact_row
 from .schema import JSON_COLUMNS
@@ -458,7 +459,8 @@ def _get(mapping: Any, *path: str) -> Any:
 
 
 def _usage_from_mapping(usage: Mapping[str, Any]) -> dict[str, int | None] | None:
-    """One usage dict of any known provider shape -> our five counts, or None."""
+    """One usage dict of any known provider shape -> our six counts, or None. Input counts
+    every input token, cached or not (LangChain's `input_tokens`; genai-prices' too)."""
     prompt = _int(
         _present(
             usage.get("input_tokens"), usage.get("prompt_tokens"), usage.get("prompt_token_count")
@@ -474,8 +476,6 @@ def _usage_from_mapping(usage: Mapping[str, Any]) -> dict[str, int | None] | Non
     total = _int(_present(usage.get("total_tokens"), usage.get("total_token_count")))
     if prompt is None and completion is None and total is None:
         return None
-    if total is None and prompt is not None and completion is not None:
-        total = prompt + completion
     cache_read = _int(
         _present(
             _get(usage, "input_token_details", "cache_read"),  # LangChain UsageMetadata
@@ -484,6 +484,16 @@ def _usage_from_mapping(usage: Mapping[str, Any]) -> dict[str, int | None] | Non
             usage.get("cached_content_token_count"),  # Gemini
         )
     )
+    # Anthropic's own usage counts only uncached input in `input_tokens` and writes to the
+    # cache apart (OpenAI writes to its cache for free: it has no such count)
+    anthropic_write = _int(usage.get("cache_creation_input_tokens"))
+    cache_write = _present(
+        _int(_get(usage, "input_token_details", "cache_creation")), anthropic_write
+    )
+    if prompt is not None and ("cache_read_input_tokens" in usage or anthropic_write is not None):
+        prompt += (_int(usage.get("cache_read_input_tokens")) or 0) + (anthropic_write or 0)
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
     reasoning = _int(
         _present(
             _get(usage, "output_token_details", "reasoning"),
@@ -496,6 +506,7 @@ def _usage_from_mapping(usage: Mapping[str, Any]) -> dict[str, int | None] | Non
         "completion_tokens": completion,
         "total_tokens": total,
         "cache_read_tokens": cache_read,
+        "cache_write_tokens": cache_write,
         "reasoning_tokens": reasoning,
     }
 
@@ -553,7 +564,7 @@ def _first_str(*values: Any) -> str | None:
     return None
 
 
-def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
+def _model_row(rec: RunRecord, row: dict[str, Any], settings: AuditSettings) -> None:
     params = rec.invocation_params if isinstance(rec.invocation_params, Mapping) else {}
     meta = rec.metadata or {}
     response = rec.outputs
@@ -602,6 +613,7 @@ def _model_row(rec: RunRecord, row: dict[str, Any]) -> None:
     usage, source = token_usage(response, rec.first_token_time is not None)
     if usage:
         row.update(usage)
+        row.update(row_cost(row, rec.start_time, settings.price_overrides))
     row["token_usage_source"] = source
 
 
@@ -794,7 +806,7 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         row["metadata"] = dumps(to_jsonable(metadata))
     status = row["status"]
     if rec.run_type in ("llm", "chat_model"):
-        _model_row(rec, row)
+        _model_row(rec, row, settings)
     elif rec.run_type == "retriever":
         row["input_text"] = render(rec.inputs)
         docs = list(rec.outputs or [])

@@ -135,12 +135,20 @@ class AuditSettings:
     """...or this many seconds after the first row it does not cover yet, and at close."""
     digest_file: str | None = None
     """Also append each digest to this local file (JSON lines), a copy outside BigQuery."""
+    prices: Mapping[str, Mapping[str, Any]] | str | None = None
+    """Your own prices, over genai-prices', for private or fine-tuned models: `{model_name:
+    {"input": 3, "output": 15, "cache_read": 0.3, "cache_write": 3.75, "provider": "openai"}}`
+    in USD per million tokens (JSON from the environment); `provider` is optional."""
     writer_process: bool = False
     """Build and send rows in a child process, off the application's GIL: for apps whose
     own CPU time is short next to their prompts (long histories, fast models, busy loops)."""
 
     def __post_init__(self) -> None:
         self._check_volume()
+        if self.prices is not None:  # checked now: a bad price is a clear error here, not later
+            from .cost import parse_prices
+
+            object.__setattr__(self, "prices", parse_prices(self.prices))
         for name in (
             "batch_rows", "batch_bytes", "max_queue_rows", "max_field_chars", "max_row_bytes",
             "max_pending_runs", "max_buffer_bytes", "max_spool_bytes", "digest_every_rows",
@@ -228,6 +236,11 @@ class AuditSettings:
             for name in DELIVERY_OPTIONS
             if getattr(self, name) != getattr(other, name)
         ]
+
+    @property
+    def price_overrides(self) -> Mapping[str, Mapping[str, Any]]:
+        """`prices` as checked by `cost.parse_prices`; empty when not set."""
+        return self.prices if isinstance(self.prices, Mapping) else {}
 
     @property
     def signs_digests(self) -> bool:

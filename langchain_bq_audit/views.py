@@ -24,7 +24,8 @@ def dedup(table: str, where: str | None = None) -> str:
 
 
 def sessions(table: str) -> str:
-    """Per session: first and last time, runs, model calls, tokens, errors, users."""
+    """Per session: first and last time, runs, model calls, tokens, cost in USD (with the
+    model calls that have no price: their cost is not in the sum), errors, users."""
     return (
         "SELECT\n"
         "  session_id,\n"
@@ -35,6 +36,8 @@ def sessions(table: str) -> str:
         "  SUM(prompt_tokens) AS prompt_tokens,\n"
         "  SUM(completion_tokens) AS completion_tokens,\n"
         "  SUM(total_tokens) AS total_tokens,\n"
+        "  SUM(cost_usd) AS cost_usd,\n"
+        f"  COUNTIF({MODEL_RUNS} AND cost_usd IS NULL) AS unpriced_calls,\n"
         "  COUNTIF(status = 'error') AS errors,\n"
         "  COUNT(DISTINCT user_id) AS users,\n"
         "  ARRAY_AGG(DISTINCT user_id IGNORE NULLS) AS user_ids\n"
@@ -45,7 +48,8 @@ def sessions(table: str) -> str:
 
 
 def daily_usage(table: str) -> str:
-    """Per day, model and user: model calls, tokens, errors, p50 and p95 latency."""
+    """Per day, model and user: model calls, tokens, cost in USD (and the calls without a
+    price, left out of it), errors, p50 and p95 latency."""
     return (
         "SELECT\n"
         "  DATE(timestamp) AS day,\n"
@@ -55,6 +59,8 @@ def daily_usage(table: str) -> str:
         "  SUM(prompt_tokens) AS prompt_tokens,\n"
         "  SUM(completion_tokens) AS completion_tokens,\n"
         "  SUM(total_tokens) AS total_tokens,\n"
+        "  SUM(cost_usd) AS cost_usd,\n"
+        "  COUNTIF(cost_usd IS NULL) AS unpriced_calls,\n"
         "  COUNTIF(status = 'error') AS errors,\n"
         "  APPROX_QUANTILES(latency_ms, 100)[OFFSET(50)] AS p50_latency_ms,\n"
         "  APPROX_QUANTILES(latency_ms, 100)[OFFSET(95)] AS p95_latency_ms\n"
@@ -77,8 +83,8 @@ def errors(table: str) -> str:
 #: view name suffix -> (SQL builder taking the table's full id, description)
 VIEWS = {
     DEDUP: (dedup, "One row per event_id (retries and replays removed)."),
-    "_sessions": (sessions, "Per session: first and last time, runs, calls, tokens, errors."),
-    "_daily_usage": (daily_usage, "Per day, model and user: calls, tokens, p50/p95 latency."),
+    "_sessions": (sessions, "Per session: first and last time, runs, calls, tokens, cost, errors."),
+    "_daily_usage": (daily_usage, "Per day, model and user: calls, tokens, cost, p50/p95 latency."),
     "_errors": (errors, "Every failed run, with its error and where it happened."),
 }
 

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, BaseLLM
+from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import (
     ChatGeneration,
@@ -86,3 +87,26 @@ class UsageLLM(BaseLLM):
         return LLMResult(
             generations=[[Generation(text=self.text)] for _ in prompts], llm_output=self.llm_output
         )
+
+
+class ProviderChatModel(GenericFakeChatModel):
+    """LangChain's fake chat model reporting a provider's model, as ChatOpenAI,
+    ChatAnthropic or ChatGoogleGenerativeAI do: `ls_provider` and `ls_model_name` in its
+    LangSmith params (the run's metadata), the model name in the answer's
+    `response_metadata`, the counts in its `usage_metadata` (`answer`)."""
+
+    provider: str
+    model: str
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"], params["ls_model_name"] = self.provider, self.model
+        return params
+
+    @classmethod
+    def answer(
+        cls, provider: str, model: str, text: str, usage: dict[str, Any]
+    ) -> ProviderChatModel:
+        message = AIMessage(text, usage_metadata=usage,  # type: ignore[arg-type]
+                            response_metadata={"model_name": model})  # fmt: skip
+        return cls(provider=provider, model=model, messages=iter([message]))

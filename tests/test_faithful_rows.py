@@ -199,7 +199,7 @@ USAGE_CASES = {
                 "usage": {"input_tokens": 30, "output_tokens": 9, "cache_read_input_tokens": 12},
             },
         )),
-        (30, 9, 39, 12, None, "provider", "claude-x"),
+        (42, 9, 51, 12, None, "provider", "claude-x"),  # its input_tokens leave out the cache's
     ),
     "gemini generation_info.usage_metadata": (
         ScriptedChatModel(
