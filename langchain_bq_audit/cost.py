@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import math
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 #: What a `prices` entry may hold: USD per million tokens, and the provider it applies to.
@@ -26,8 +27,14 @@ OVERRIDE_SOURCE = "override"
 _PER = 1_000_000  # prices are per million tokens
 _MAX_LOOKUPS = 4096  # (provider, model) pairs remembered; a process sees few
 _UTC = _dt.timezone.utc
+# Amounts are rounded to 1e-12 USD: a sum of floats would show 0.0054101999999999996 for
+# genai-prices' exact 0.0054102, and no price is finer than a millionth of a cent.
+_DIGITS = 12
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # made once, as rows.py does
 
 _lookups: dict[tuple[str, str], Any] = {}  # (provider, model) -> (Provider, ModelInfo) | None
+_rates: dict[int, tuple[Any, tuple[float, ...] | None]] = {}  # id(ModelPrice) -> rates
+_own_prices: dict[tuple[Any, ...], Any] = {}  # a `prices` entry -> its ModelPrice
 _source: list[str] = []  # "genai-prices X.Y.Z", once imported; empty: not yet tried
 
 
@@ -114,12 +121,16 @@ def row_cost(
 def _override_cost(
     usage: dict[str, int], own: Mapping[str, Any], model: str, provider: str | None
 ) -> dict[str, Any]:
-    from decimal import Decimal
+    key = (model, *sorted(own.items()))
+    model_price = _own_prices.get(key)
+    if model_price is None:
+        from decimal import Decimal
 
-    from genai_prices.types import ModelPrice
+        from genai_prices.types import ModelPrice
 
-    rates = {f"{k}_mtok": Decimal(str(own[k])) for k in RATE_KEYS if k in own}
-    return _columns(ModelPrice(**rates), usage, model, provider, OVERRIDE_SOURCE)
+        rates = {f"{k}_mtok": Decimal(str(own[k])) for k in RATE_KEYS if k in own}
+        model_price = _own_prices[key] = ModelPrice(**rates)
+    return _columns(model_price, usage, model, provider, OVERRIDE_SOURCE)
 
 
 def _genai_prices_cost(
@@ -148,38 +159,84 @@ def _genai_prices_cost(
     return _columns(model_price, usage, model_info.id, matched_provider.id, source)
 
 
+def _linear_rates(model_price: Any) -> tuple[float, ...] | None:
+    """(per-call fee, then USD per million tokens of uncached input, cache read, cache write
+    and output) of a `ModelPrice`, as genai-prices' own arithmetic prices a million tokens of
+    each; None for tiered prices, whose rates depend on the call's whole input.
+
+    genai-prices' general calculation takes about half a millisecond a call; prices that are
+    linear in the counts are found once a `ModelPrice` this way, then cost a few products."""
+    from genai_prices import Usage
+    from genai_prices.types import TieredPrices
+
+    if any(isinstance(v, TieredPrices) for v in vars(model_price).values()):
+        return None
+
+    def total(**counts: int) -> Decimal:
+        return Decimal(model_price.calc_price(Usage(**counts))["total_price"])
+
+    fee = total()  # a price per request, if any
+    return (
+        float(fee),
+        float(total(input_tokens=_PER) - fee),
+        float(total(input_tokens=_PER, cache_read_tokens=_PER) - fee),
+        float(total(input_tokens=_PER, cache_write_tokens=_PER) - fee),
+        float(total(output_tokens=_PER) - fee),
+    )
+
+
 def _columns(
     model_price: Any, usage: dict[str, int], model: str, provider: str | None, source: str
 ) -> dict[str, Any]:
     """The three columns from genai-prices' arithmetic over `model_price` (a `ModelPrice`)."""
-    from decimal import Decimal
+    key = id(model_price)
+    cached = _rates.get(key)
+    if cached is None or cached[0] is not model_price:
+        if len(_rates) >= _MAX_LOOKUPS:
+            _rates.clear()
+        cached = _rates[key] = (model_price, _linear_rates(model_price))
+    rates = cached[1]
+    prompt, read, write = (usage["input_tokens"], usage["cache_read_tokens"],
+                           usage["cache_write_tokens"])  # fmt: skip
+    if read + write > prompt:
+        return {}  # cached parts larger than the whole: counts that cannot be priced
+    details: dict[str, Any] = {}
+    if rates is not None:  # in floats: a row holds FLOAT64, and Decimal costs microseconds
+        fee, per_input, per_read, per_write, per_output = rates
+        details["input"] = round(per_input * (prompt - read - write) / _PER, _DIGITS)
+        if read:
+            details["cache_read"] = round(per_read * read / _PER, _DIGITS)
+        if write:
+            details["cache_write"] = round(per_write * write / _PER, _DIGITS)
+        details["output"] = round(per_output * usage["output_tokens"] / _PER, _DIGITS)
+        if fee:
+            details["request"] = fee
+        total = round(sum(details.values()), _DIGITS)
+    else:
+        parts: dict[str, Decimal] = {}
+        total = float(_tiered_parts(model_price, usage, parts))
+        details = {k: float(v) for k, v in parts.items()}
+    details["model"], details["provider"] = model, provider
+    return {"cost_usd": total, "cost_details": _ENCODE(details), "price_source": source}
 
+
+def _tiered_parts(model_price: Any, usage: dict[str, int], parts: dict[str, Decimal]) -> Decimal:
+    """genai-prices' general calculation (tiered prices); fills `parts`, returns the total."""
     from genai_prices import Usage
     from genai_prices.types import calc_unit_price
 
     price = model_price.calc_price(Usage(**usage))
-    prompt = usage["input_tokens"]
-    details: dict[str, Any] = {}
-    cache_parts = Decimal(0)
+    cached = Decimal(0)
     for part in ("cache_read", "cache_write"):
         rate = getattr(model_price, f"{part}_mtok", None)
         if rate is not None and usage[f"{part}_tokens"]:
             # tiered rates step on the call's whole input, as genai-prices does
-            amount = calc_unit_price(rate, usage[f"{part}_tokens"], prompt, _PER)
-            details[part] = float(amount)
-            cache_parts += amount
-    details = {
-        "input": float(price["input_price"] - cache_parts),  # uncached input
-        **details,
-        "output": float(price["output_price"]),
-        "model": model,
-        "provider": provider,
-    }
-    return {
-        "cost_usd": float(price["total_price"]),
-        "cost_details": json.dumps(details, separators=(",", ":")),
-        "price_source": source,
-    }
+            amount = calc_unit_price(rate, usage[f"{part}_tokens"], usage["input_tokens"], _PER)
+            parts[part] = amount
+            cached += amount
+    parts["input"] = price["input_price"] - cached  # uncached input
+    parts["output"] = price["output_price"]
+    return Decimal(price["total_price"])
 
 
 def price_source() -> str | None:

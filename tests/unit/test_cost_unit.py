@@ -49,7 +49,7 @@ def test_real_models_cost_what_genai_prices_says(
         model, provider_id=provider, genai_request_timestamp=START,
     )  # fmt: skip
     assert want.total_price > 0
-    assert cols["cost_usd"] == float(want.total_price)
+    assert cols["cost_usd"] == pytest.approx(float(want.total_price), rel=1e-12)
     assert cols["price_source"] == SOURCE
     details = json.loads(cols["cost_details"])
     assert details["model"] == want.model.id and details["provider"] == want.provider.id
@@ -63,6 +63,27 @@ def test_real_models_cost_what_genai_prices_says(
         assert details["cache_write"] == pytest.approx(
             cache_write * float(mp.cache_write_mtok) / 1e6
         )
+
+
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [("gpt-4o", "openai"), ("claude-sonnet-4-20250514", "anthropic"),
+     ("gemini-2.5-pro", "google"), ("gemini-2.5-flash", "google")],  # fmt: skip
+)
+@pytest.mark.parametrize(
+    "counts", [(0, 0, 0, 0), (1, 1, 0, 0), (123_457, 98_765, 3, 0), (250_000, 1000, 10_000, 5000)]
+)
+def test_every_count_costs_what_genai_prices_calculates(
+    model: str, provider: str, counts: tuple[int, int, int, int]
+) -> None:
+    """The rates found once (linear prices) or the general path (tiered: gemini-2.5-pro
+    above 200k input) give genai-prices' own total, in and above each tier."""
+    prompt, completion, read, write = counts
+    cols = row_cost(usage_row(model, provider, *counts), START.timestamp(), {})
+    want = calc_price(Usage(input_tokens=prompt, output_tokens=completion, cache_read_tokens=read,
+                            cache_write_tokens=write), model, provider_id=provider,
+                      genai_request_timestamp=START)  # fmt: skip
+    assert cols["cost_usd"] == pytest.approx(float(want.total_price), rel=1e-12, abs=1e-12)
 
 
 def changed_price() -> tuple[str, dt.datetime, dt.datetime]:
