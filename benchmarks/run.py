@@ -98,11 +98,12 @@ def import_cost(runs: int = 11) -> list[tuple[str, str]]:
     base, ours = (statistics.median(times[m]) for m in modules)
     lazy = subprocess.run(
         [sys.executable, "-c", "import sys, langchain_bq_audit; print('google.cloud' in "
-         "sys.modules)"], capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+         "sys.modules, 'genai_prices' in sys.modules)"], capture_output=True, text=True,
+        check=True).stdout.strip()  # fmt: skip
     return [
         ("import langchain_core.callbacks", f"{base:.1f} ms"),
         ("import langchain_bq_audit", f"{ours:.1f} ms ({ours - base:+.1f} ms; target <= +30)"),
-        ("google.cloud imported at import", lazy),
+        ("google.cloud, genai_prices imported at import", lazy),
     ]
 
 

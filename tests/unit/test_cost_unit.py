@@ -67,8 +67,12 @@ def test_real_models_cost_what_genai_prices_says(
 
 @pytest.mark.parametrize(
     ("model", "provider"),
-    [("gpt-4o", "openai"), ("claude-sonnet-4-20250514", "anthropic"),
-     ("gemini-2.5-pro", "google"), ("gemini-2.5-flash", "google")],  # fmt: skip
+    [
+        ("gpt-4o", "openai"),
+        ("claude-sonnet-4-20250514", "anthropic"),
+        ("gemini-2.5-pro", "google"),
+        ("gemini-2.5-flash", "google"),
+    ],
 )
 @pytest.mark.parametrize(
     "counts", [(0, 0, 0, 0), (1, 1, 0, 0), (123_457, 98_765, 3, 0), (250_000, 1000, 10_000, 5000)]
