@@ -147,14 +147,14 @@ def test_usage_zeros_are_counts() -> None:
         "input_tokens": 0,
         "output_tokens": np.int64(0),
         "total_tokens": 0,
-        "input_token_details": {"cache_read": 0},
+        "input_token_details": {"cache_read": 0, "cache_creation": 0},
         "output_token_details": {"reasoning": 0},
     }
     result = LLMResult(generations=[[ChatGeneration(message=AIMessage("", usage_metadata=usage))]])
     counts, source = token_usage(result, streamed=False)
     assert source == "provider" and counts == dict.fromkeys(
         ("prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
-         "reasoning_tokens"), 0)  # fmt: skip
+         "cache_write_tokens", "reasoning_tokens"), 0)  # fmt: skip
 
 
 def test_event_ids_are_unique_uuid4s() -> None:
