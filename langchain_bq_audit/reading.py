@@ -20,8 +20,8 @@ TRACE_COLUMNS = (
 )  # fmt: skip
 
 SESSION_COLUMNS = (
-    "session_id", "first_time", "last_time", "runs", "calls", "total_tokens", "errors",
-    "users", "user_ids",
+    "session_id", "first_time", "last_time", "runs", "calls", "total_tokens", "cost_usd",
+    "errors", "users", "user_ids",
 )  # fmt: skip
 
 
@@ -131,20 +131,14 @@ def recent_sessions(
     client: Any, table: str, limit: int = 20, since: dt.datetime | None = None
 ) -> list[dict[str, Any]]:
     """The `limit` sessions whose last run ended latest (newest first), optionally only those
-    active since `since`, from the `<table>_sessions` view (`SESSION_COLUMNS`), each with
-    `cost_usd`: the sum of its runs' `cost_usd`, None when none of them has a price."""
-    from .views import DEDUP
-
+    active since `since`, from the `<table>_sessions` view (`SESSION_COLUMNS`; `cost_usd` is
+    the sum of its runs' `cost_usd`, None when none of them has a price)."""
     where, params = "TRUE", {}
     if since is not None:
         where, params = "last_time >= @since", {"since": since}
-    cols = ", ".join(f"s.`{c}`" for c in SESSION_COLUMNS)
+    cols = ", ".join(f"`{c}`" for c in SESSION_COLUMNS)
     sql = (
-        f"WITH s AS (SELECT * FROM `{table}_sessions` WHERE {where} "
-        f"ORDER BY last_time DESC LIMIT {int(limit)}),\n"
-        f"c AS (SELECT session_id, SUM(cost_usd) AS cost_usd FROM `{table}{DEDUP}` "
-        "WHERE session_id IN (SELECT session_id FROM s) GROUP BY session_id)\n"
-        f"SELECT {cols}, c.cost_usd FROM s LEFT JOIN c USING (session_id) "
-        "ORDER BY s.last_time DESC, s.session_id"
+        f"SELECT {cols} FROM `{table}_sessions` WHERE {where} "
+        f"ORDER BY last_time DESC, session_id LIMIT {int(limit)}"
     )
     return run_query(client, sql, params)
