@@ -810,7 +810,7 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     metadata = _metadata(rec)
     if metadata:
         row["metadata"] = dumps(to_jsonable(metadata))
-        if "langgraph_node" in metadata or "checkpoint_ns" in metadata:
+        if "langgraph_node" in metadata or "checkpoint_ns" in metadata:  # inside a graph
             _graph_columns(metadata, row)
     status = row["status"]
     if rec.run_type in ("llm", "chat_model"):
