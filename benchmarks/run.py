@@ -8,7 +8,8 @@ Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB message
 `writer_process=True`, interleaved rounds), row building alone (no network), insertAll and
 Storage Write API throughput from submit to committed rows (batch sizes swept), and memory
 over many calls. It starts its own embedded BigQuery.
-`--only rows,sinks` runs some sections (import, hot, dispatch, floor, rows, sinks, memory);
+`--only rows,sinks` runs some sections (import, otel, hot, dispatch, floor, rows, sinks,
+memory; `otel`: the cost of reading the current OpenTelemetry span at a run's start);
 `floor` is the no-op chain with the emulator's CPU idle and busy: what work on the other CPU
 costs the measured one on this machine; `dispatch` is how LangChain calls the handler in
 async code (inline, through its thread pool, or awaited in the loop: see handler._no_hop).
@@ -399,12 +400,61 @@ def memory(handler: Any, label: str, calls: int) -> list[tuple[str, str]]:
              f"pending runs {stats['pending_runs']}{extra}")]  # fmt: skip
 
 
+_OTEL_CHILD = """
+import sys, time, timeit, uuid
+from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit.context import otel_span_ids
+
+handler = BigQueryAuditHandler(emulator_host="127.0.0.1:9", project="p", table="bench_otel",
+                               run_types="tool", spool_enabled=False)  # runs tracked, not written
+
+def pair():
+    run_id = uuid.uuid4()
+    handler.on_chain_start({}, {"q": 1}, run_id=run_id, parent_run_id=None)
+    handler.on_chain_end({"a": 1}, run_id=run_id)
+
+def us(fn, n):  # CPU time of this thread: less moved by other processes than wall time
+    return min(timeit.repeat(fn, number=n, repeat=5, timer=time.thread_time)) / n * 1e6
+
+def report(state):
+    print(f"{state}|{us(otel_span_ids, 100_000):.2f} us|{us(pair, 20_000):.1f} us")
+
+if sys.argv[1] == "absent":
+    report("OpenTelemetry not imported")
+else:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+    report("opentelemetry.trace imported, no span")
+    with TracerProvider().get_tracer("b").start_as_current_span("s"):
+        report("a sampled SDK span")
+    with TracerProvider(sampler=ALWAYS_OFF).get_tracer("b").start_as_current_span("s"):
+        report("an SDK span not sampled")
+handler.close(timeout=1)
+"""
+
+
+def otel_cost() -> list[tuple[str, str]]:
+    """What reading the current OpenTelemetry span costs at a run's start, beside the start
+    and end callbacks of one run, in a child process per state (`absent` blocks importing
+    OpenTelemetry, as if not installed: google-cloud-bigquery imports it when it is)."""
+    out = []
+    for state in ("absent", "present"):
+        argv = [sys.executable, "-c", _OTEL_CHILD, state]
+        if state == "absent":
+            argv[2] = "import sys; sys.modules['opentelemetry'] = None\n" + _OTEL_CHILD
+        lines = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        for line in lines.splitlines():
+            label, span, pair = line.split("|")
+            out.append((f"otel span read: {label}", f"{span} (start + end callbacks {pair})"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=100_000, help="calls in the memory run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=400)
-    parser.add_argument("--only", default="import,hot,dispatch,floor,rows,sinks,memory",
+    parser.add_argument("--only", default="import,otel,hot,dispatch,floor,rows,sinks,memory",
                         help="sections")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -412,6 +462,8 @@ def main() -> None:
     results: list[tuple[str, str]] = []
     if "import" in only:
         results += import_cost()
+    if "otel" in only:
+        results += otel_cost()
     with LocalBigQuery(tempfile.mkdtemp(prefix="bq-audit-bench-")) as bq:
         client = bq.client()
         assert bq.pid is not None

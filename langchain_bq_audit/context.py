@@ -1,16 +1,18 @@
-"""Session, user, tags and metadata for runs: `audit_context()` and `configured_identity()`.
+"""Session, user, tags, metadata and trace context for runs: `audit_context()`,
+`configured_identity()` and `otel_span_ids()`.
 
 `audit_context` sets them for every run started inside a block, through a ContextVar, so
 they follow asyncio tasks and threads started with a copied context; `configured_identity`
-reads them from the `configurable` of LangChain's current runnable config. (The global
-switch, `enable()` and the launcher are in `global_hook.py`.)
+reads them from the `configurable` of LangChain's current runnable config; `otel_span_ids`
+reads the current OpenTelemetry span. (The global switch, `enable()` and the launcher are
+in `global_hook.py`.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,8 @@ SESSION_KEYS = ("session_id", "thread_id", "conversation_id")
 USER_KEYS = ("user_id", "user")
 _CONFIG_MODULE = "langchain_core.runnables.config"
 _child_config: ContextVar[Any] | None = None
+_OTEL_TRACE_MODULE = "opentelemetry.trace"
+_current_span: Callable[[], Any] | None = None
 
 
 def configured_identity(
@@ -59,6 +63,33 @@ def configured_identity(
     if session is None and user is None:
         return None
     return session, user
+
+
+def otel_span_ids() -> tuple[int, int] | None:
+    """(trace id, span id), as ints, of the OpenTelemetry span current in this context, or
+    None when there is none, its context is invalid, or it is not sampled (its trace is
+    recorded nowhere, so its ids would join nothing).
+
+    OpenTelemetry is read only once the application has imported `opentelemetry.trace`
+    itself: it is never imported here. Cheap (a dict lookup while it is not; with it, a
+    ContextVar read and a few attribute reads, 1-3 us) and never raises.
+    """
+    global _current_span
+    get = _current_span
+    if get is None:
+        module = sys.modules.get(_OTEL_TRACE_MODULE)
+        # None while the application has not imported it, or while it is half imported
+        get = getattr(module, "get_current_span", None)
+        if get is None:
+            return None
+        _current_span = get
+    try:
+        context = get().get_span_context()
+        if context.trace_flags.sampled and context.is_valid:
+            return context.trace_id, context.span_id
+    except Exception:  # an SDK or a span of an odd kind: the run is written without ids
+        pass
+    return None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from .context import configured_identity, current_context
+from .context import configured_identity, current_context, otel_span_ids
 from .records import RunRecord, is_graph_bubble_up
 from .registry import get_writer
 from .rows import run_name
@@ -208,6 +208,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             time.time(),
         )
         rec.thread = threading.get_ident()
+        rec.otel = otel_span_ids()  # read now: the span current when the run starts
         configured = configured_identity(self.settings.session_keys, self.settings.user_keys)
         if configured is not None:
             rec.configured = configured

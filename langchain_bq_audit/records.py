@@ -37,6 +37,7 @@ class RunRecord:
         "keep",
         "metadata",
         "name",
+        "otel",
         "outputs",
         "owner",
         "parent_run_id",
@@ -100,3 +101,6 @@ class RunRecord:
         # fails (its trace was not sampled). `sample_rate` is written on the row.
         self.keep: bool | None = True
         self.sample_rate = 1.0
+        # (trace id, span id) of the OpenTelemetry span current at the start, as ints, or
+        # None; written as W3C hex (`otel_trace_id`, `otel_span_id`)
+        self.otel: tuple[int, int] | None = None

@@ -775,7 +775,7 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         settings.user_keys,
     )
     run_id = str(rec.run_id)
-    return {
+    row: dict[str, Any] = {
         "timestamp": iso(end),
         "input_text": "",
         "output_text": "",
@@ -795,6 +795,24 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         "environment": settings.environment,
         "sample_rate": rec.sample_rate,
     }
+    if rec.otel is not None:  # W3C trace context: lowercase hex, 32 and 16 digits
+        row["otel_trace_id"] = f"{rec.otel[0]:032x}"
+        row["otel_span_id"] = f"{rec.otel[1]:016x}"
+    return row
+
+
+def _graph_columns(metadata: Mapping[str, Any], row: dict[str, Any]) -> None:
+    """LangGraph's node, step and checkpoint namespace (`parent:<task id>|child:<task id>`
+    in a subgraph), from the metadata it gives every run inside a node (kept there too)."""
+    node = metadata.get("langgraph_node")
+    if isinstance(node, str):
+        row["langgraph_node"] = node
+    step = _int(metadata.get("langgraph_step"))
+    if step is not None:
+        row["langgraph_step"] = step
+    ns = metadata.get("langgraph_checkpoint_ns", metadata.get("checkpoint_ns"))
+    if isinstance(ns, str) and ns:
+        row["langgraph_checkpoint_ns"] = ns
 
 
 def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
@@ -804,6 +822,8 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
     metadata = _metadata(rec)
     if metadata:
         row["metadata"] = dumps(to_jsonable(metadata))
+        if "langgraph_node" in metadata or "checkpoint_ns" in metadata:  # inside a graph
+            _graph_columns(metadata, row)
     status = row["status"]
     if rec.run_type in ("llm", "chat_model"):
         _model_row(rec, row, settings)

@@ -13,7 +13,7 @@ from google.cloud import bigquery
 from langchain_core.language_models.fake_chat_models import FakeListChatModel, GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
-from langchain_bq_audit import BigQueryAuditHandler, schema
+from langchain_bq_audit import BigQueryAuditHandler, schema, views
 from langchain_bq_audit.pulumi_infra import AuditLogInfra
 
 from .conftest import query
@@ -65,6 +65,8 @@ def test_init_the_writer_and_pulumi_build_the_same_table(
                "--labels", "team=ml")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"table local.{DATASET}.{table_name}_init: created" in proc.stdout
+    for suffix in views.VIEWS:  # every view (`_otel`, `_nodes`, ...); Pulumi's: test_infra.py
+        assert f"view local.{DATASET}.{table_name}_init{suffix}: created" in proc.stdout
     by_init = bq_client.get_table(f"local.{DATASET}.{table_name}_init")
 
     handler = BigQueryAuditHandler(client=bq_client, table=f"{table_name}_writer",
