@@ -14,23 +14,20 @@ import signal
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .settings import AuditSettings
 from .writer import Writer
 
-if TYPE_CHECKING:
-    from .writer_process import ProcessWriter
-
 logger = logging.getLogger(__name__)
 
-_writers: dict[tuple[Any, ...], Writer | ProcessWriter] = {}
+_writers: dict[tuple[Any, ...], Writer] = {}
 _registry_lock = threading.Lock()
 _hooks_installed = False
 _previous_sigterm: Any = None
 
 
-def get_writer(settings: AuditSettings, client: Any = None) -> Writer | ProcessWriter:
+def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
     """The shared writer for `settings`' destination (and `client`, when one is given).
 
     With `writer_process` it runs in a child process, unless that cannot be: a `client`
@@ -59,7 +56,7 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer | ProcessW
     return writer
 
 
-def _new_writer(settings: AuditSettings, client: Any) -> Writer | ProcessWriter:
+def _new_writer(settings: AuditSettings, client: Any) -> Writer:
     if not settings.writer_process:
         return Writer(settings, client)
     import pickle
@@ -78,7 +75,7 @@ def _new_writer(settings: AuditSettings, client: Any) -> Writer | ProcessWriter:
     return ProcessWriter(settings)
 
 
-def all_writers() -> list[Writer | ProcessWriter]:
+def all_writers() -> list[Writer]:
     """Every writer of this process."""
     return list(_writers.values())
 

@@ -1,13 +1,17 @@
 """The background writer of one destination table, shared by every handler in the process.
 
-Two threads, so that a slow or hung BigQuery can never back up into the application:
+`Writer` is the front every handler talks to, and the one place its lifecycle is written:
+the bounded run queue (`submit`), the *builder* thread that drains it, `flush`, `close`,
+`stats`, start and fork, and the counters. How a finished run crosses to delivery is its
+`Channel`'s business, and the only thing that differs by mode:
 
-- the *builder* drains finished runs from the handlers' queue, turns them into rows and
-  hands them to the sender; it never touches the network. While BigQuery is down, or when
-  the rows waiting in memory exceed `max_buffer_bytes`, it writes rows to the local spool.
-- the *sender* writes batches with bounded retries (a timeout per request, a deadline per
-  batch, backoff with jitter), dead-letters rows BigQuery rejects for good, spools what it
-  gives up on, and replays the spool when BigQuery answers again.
+- `ThreadChannel` (here, the default): the builder thread turns runs into rows and hands
+  them to a row buffer; a *sender* thread writes batches with bounded retries (a timeout per
+  request, a deadline per batch, backoff with jitter), dead-letters rows BigQuery rejects for
+  good, spools what it gives up on (and everything while BigQuery is down or the buffer is
+  over `max_buffer_bytes`), and replays the spool when BigQuery answers again.
+- `ProcessChannel` (writer_process.py, `writer_process=True`): the builder thread pickles
+  runs down a pipe to a child process that runs an ordinary `Writer`.
 
 `submit` (the callback path) is a length check and a deque append. Shutdown is bounded:
 `close(timeout)`, the atexit drain and the SIGTERM drain spool whatever is not written by
@@ -21,9 +25,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .client import destination_id
 from .records import RunRecord
@@ -49,42 +53,140 @@ SETTLED = ("written", "dead_lettered", "spooled", "dropped")
 REPLAY = ("replayed", "replay_dead_lettered", "corrupt_spool_records")
 COUNTERS = ("accepted", *SETTLED, *REPLAY, "retried", "batches", "build_errors")
 
+Run = RunRecord | dict[str, Any]  # a finished run, or a row built already (see `row_of`)
 
-class _Marker:
-    """Placed in the queue by `flush`; done once every row before it has been handled."""
 
-    __slots__ = ("done", "unwritten_before")
+class Marker:
+    """A request placed in the run queue behind the runs before it: `flush`, `close`,
+    `stats` or `start`. The channel answers it once it has handled every run before it."""
 
-    def __init__(self, unwritten_before: int) -> None:
-        self.done = threading.Event()
+    __slots__ = ("deadline", "done", "kind", "ok", "stats", "unwritten_before")
+
+    def __init__(self, kind: str, timeout: float | None, unwritten_before: int) -> None:
+        self.kind = kind
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self.unwritten_before = unwritten_before
+        self.done = threading.Event()
+        self.ok = False  # what a request that is never answered (its channel died) says
+        self.stats: dict[str, Any] | None = None
+
+    def answer(self, ok: bool, stats: dict[str, Any] | None = None) -> None:
+        self.ok, self.stats = ok, stats
+        self.done.set()
+
+    def left(self) -> float | None:
+        """Seconds until the caller's deadline (None: no deadline)."""
+        return time_left(self.deadline)
 
 
-class RunQueue:
-    """What both writers share: the bounded queue of finished runs the callback path appends
-    to, the *builder* thread that drains it, counters and warnings at most once a minute.
+class Channel(Protocol):
+    """How finished runs cross from a `Writer`'s run queue to delivery.
 
-    A subclass sets the attributes up in `_reset_process_state`, starts its threads in
-    `_start` and handles what is queued in `_build`.
+    `take` and `mark` are called on the writer's builder thread, in queue order; the rest
+    by the writer's lifecycle methods.
     """
 
-    settings: AuditSettings
-    tracker: RunTracker
-    counters: dict[str, int]
-    last_error: str | None
-    _records: deque[Any]
-    _wake: threading.Event
-    _lock: threading.Lock
-    _builder: threading.Thread | None
-    _stopping: bool
-    _warned: dict[str, float]
-    _max_queue: int
-    _batch_rows: int
-    _sweep_every: float
+    destination: str
+    thread_name: str  # the builder thread's name: `bq-audit-<thread_name>:<table>`
+    join_cap: float  # seconds `close` waits at most for the builder thread to end
+    asks_stats: bool  # `stats` sends a "stats" request behind the queued runs first
+
+    @property
+    def spool(self) -> Spool | None: ...
+
+    def open(self) -> None:
+        """Start the channel's own threads (with the writer's lock held, before the builder)."""
+
+    def take(self, runs: Iterator[Run]) -> None:
+        """Hand runs across. `runs` pops them off the queue one at a time (so the one in
+        hand is the only run `spool_memory` cannot reach) up to the next request; what the
+        channel does not take stays queued."""
+
+    def mark(self, marker: Marker) -> None:
+        """Answer `marker` once every run taken before it is settled (or at once)."""
+
+    def drained(self) -> None:
+        """The builder thread is stopping with nothing queued."""
+
+    def give_up(self, runs: list[Run]) -> int:
+        """Out of time: stop sending; spool `runs` and every row held. Rows spooled."""
+
+    def close(self, deadline: float | None, idle: bool) -> bool:
+        """After the builder stopped (`idle`: it never ran): release what the channel holds.
+        False when something could not be written."""
+
+    def stats(self, answer: dict[str, Any] | None) -> dict[str, Any]:
+        """Counters the writer does not hold itself (added to its own), `queued` held by the
+        channel, and its state (`bigquery_down`, `spool_bytes`, `last_error`, ...).
+        `answer`: the reply to a "stats" request, when `asks_stats`."""
+
+    def after_fork(self) -> None:
+        """In a forked child: drop the parent's threads, connections and rows."""
+
+    def replay_now(self, progress: Callable[[int, int], None] | None) -> int:
+        """Replay the spool in the calling thread."""
+
+
+class Writer:
+    """One destination's writer: the run queue, the builder thread and the lifecycle
+    (`ensure_started`, `flush`, `close`, `stats`, fork), over a `Channel`."""
+
+    def __init__(
+        self,
+        settings: AuditSettings,
+        client: Any = None,
+        *,
+        sink: Sink | None = None,
+        destination: str | None = None,
+    ) -> None:
+        """A writer for `settings`' destination.
+
+        `client`: a ready `bigquery.Client` (else one is made on first write). `sink`: any
+        `Sink` to write with instead of BigQuery (no client, no provisioning; tests use
+        `MemorySink`). `destination`: the `project.dataset.table` whose spool folder to use,
+        when it differs from the settings' (`bq-audit replay --all`).
+        """
+        self.settings = settings
+        self._max_queue = settings.max_queue_rows
+        self._batch_rows = settings.batch_rows
+        self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
+        self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
+        self._reset_process_state()
+        self._channel = self._open_channel(client, sink, destination)
+        self.destination = self._channel.destination
+
+    def _open_channel(self, client: Any, sink: Sink | None, destination: str | None) -> Channel:
+        return ThreadChannel(self, client, sink=sink, destination=destination)
+
+    def _reset_process_state(self) -> None:
+        """Fresh queue, builder and counters (at creation and in a forked child)."""
+        self._records: deque[Run | Marker] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # builder start/stop, counters
+        self._builder: threading.Thread | None = None
+        self._stopping = False
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.last_error: str | None = None
+        self._warned: dict[str, float] = {}
+
+    @property
+    def spool(self) -> Spool | None:
+        """This destination's spool (None with `spool_enabled=False`)."""
+        return self._channel.spool
+
+    @property
+    def stopping(self) -> bool:
+        """`close` has begun (the builder stops once the queue is empty)."""
+        return self._stopping
+
+    @property
+    def stopped(self) -> bool:
+        """`close` has begun and the builder thread has ended."""
+        return self._stopping and self._builder is None
 
     # -- callback path ---------------------------------------------------------------------
 
-    def submit(self, record: RunRecord | dict[str, Any]) -> None:
+    def submit(self, record: Run) -> None:
         """Queue a finished run. O(1); never blocks, never raises."""
         records = self._records
         with self._lock:  # uncontended: about 0.1 us; `+=` alone is not atomic across threads
@@ -98,16 +200,126 @@ class RunQueue:
         if len(records) >= self._batch_rows and not self._wake.is_set():
             self._wake.set()
 
+    # -- control ---------------------------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start the threads if they are not running (which replays an earlier spool)."""
+        self._request("start", None, wait=False)
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every row queued before this call is handled.
+
+        True when all of them were written to BigQuery; False on timeout, or when some were
+        spooled, dead-lettered or dropped instead (see `stats()`).
+        """
+        if self._builder is None and not self._records:
+            return True
+        return self._request("flush", timeout)[0]
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Write what is queued within `timeout`, spool the rest, stop the threads.
+
+        Returns True when everything was written. The writer starts again if used again.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._abandon_pending()
+        if self._builder is None and not self._records:
+            return self._channel.close(deadline, idle=True)
+        ok = self._request("close", timeout)[0]
+        if not ok and (deadline is None or time.monotonic() >= deadline - 0.05):
+            self.spool_memory()  # out of time: the channel stops sending and spools
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        builder = self._builder
+        if builder is not None and builder is not threading.current_thread():
+            cap, left = self._channel.join_cap, time_left(deadline)
+            builder.join(cap if left is None else min(cap, left))
+        return self._channel.close(deadline, idle=False) and ok
+
+    def spool_memory(self, runs: Iterable[Run] = ()) -> int:
+        """Stop sending and spool `runs` and every run and row still in memory; the number
+        of rows spooled. Used when a deadline runs out. A row in flight may still reach
+        BigQuery as well; the spool then holds a copy with the same event id, which dedup
+        removes on read."""
+        return self._channel.give_up([*runs, *self._take_queued()])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, the queue and buffer sizes, spool state, the last error.
+
+        `accepted == written + dead_lettered + spooled + dropped + queued` whenever the
+        writer is quiet (after `flush`): `queued` counts runs waiting to be built or to
+        cross, rows waiting to be sent and rows in flight (in a writer process too).
+        """
+        answer = None
+        if self._channel.asks_stats and self._builder is not None:
+            answer = self._request("stats", 1.0)[1]  # behind the queued runs: sent first
+        held = self._channel.stats(answer)
+        out: dict[str, Any] = {
+            name: self.counters[name] + int(held.pop(name, 0)) for name in COUNTERS
+        }
+        out["accepted"] = self.counters["accepted"]  # the runs handed to this writer
+        out["queued"] = sum(1 for i in list(self._records) if not isinstance(i, Marker))
+        out["queued"] += int(held.pop("queued", 0))
+        out.update(held)
+        out["last_error"] = held.get("last_error") or self.last_error
+        return out
+
+    def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Replay the spool in the calling thread (what `bq-audit replay` does)."""
+        return self._channel.replay_now(progress)
+
     # -- builder thread --------------------------------------------------------------------
 
+    def _request(
+        self, kind: str, timeout: float | None, wait: bool = True
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Queue a request behind the runs already queued: (ok, stats) once the channel
+        answers it, (False, None) on timeout. `ok` is False too when a row queued before
+        it, or meanwhile, was spooled, dead-lettered or dropped instead of written."""
+        marker = Marker(kind, timeout, self._unwritten())
+        self._records.append(marker)
+        if self._builder is None:
+            self._start()
+        self._wake.set()
+        if not wait or not marker.done.wait(timeout):
+            return False, None
+        return marker.ok and self._unwritten() == marker.unwritten_before, marker.stats
+
+    def _requeue(self, runs: Sequence[Run]) -> None:
+        """Put runs back at the head of the queue (a channel could not take them)."""
+        self._records.extendleft(reversed(runs))
+        if self._builder is None:
+            self._start()
+        self._wake.set()
+
+    def _take_queued(self) -> list[Run]:
+        """Empty the queue: its runs; requests among them are answered False."""
+        runs: list[Run] = []
+        while True:
+            try:
+                item = self._records.popleft()
+            except IndexError:
+                break
+            if isinstance(item, Marker):
+                item.done.set()
+            else:
+                runs.append(item)
+        return runs
+
     def _start(self) -> None:
-        raise NotImplementedError
-
-    def _build(self) -> None:
-        raise NotImplementedError
-
-    def _drained(self) -> None:
-        """Called by the builder thread as it stops, with nothing left queued."""
+        with self._lock:
+            if self._builder is not None:
+                return
+            self._stopping = False
+            name = f"bq-audit-{self._channel.thread_name}:{self.settings.table}"
+            builder = threading.Thread(target=self._build_loop, name=name, daemon=True)
+            try:
+                self._channel.open()
+                builder.start()
+            except RuntimeError:  # interpreter shutting down: nothing can be started now
+                return
+            self._builder = builder
 
     def _build_loop(self) -> None:
         wait = min(self.settings.batch_age_s, self._sweep_every)
@@ -130,8 +342,31 @@ class RunQueue:
                     if self._records:
                         continue
                     self._builder = None
-                self._drained()
+                self._channel.drained()
                 return
+
+    def _build(self) -> None:
+        """Hand what is queued to the channel: runs in batches, requests in their place."""
+        channel = self._channel
+        while self._records:
+            found: list[Marker] = []
+            channel.take(self._popped(found))
+            if found:
+                channel.mark(found[0])
+
+    def _popped(self, found: list[Marker]) -> Iterator[Run]:
+        """Runs popped off the queue's head as they are asked for, up to a request (which
+        is popped and put in `found`)."""
+        records = self._records
+        while True:
+            try:
+                item = records.popleft()
+            except IndexError:  # empty, or emptied by `spool_memory` meanwhile
+                return
+            if isinstance(item, Marker):
+                found.append(item)
+                return
+            yield item
 
     def _sweep(self) -> None:
         self._submit_unended(self.tracker.sweep(time.time()))
@@ -150,7 +385,16 @@ class RunQueue:
                 rec.sample_rate = 1.0
             self.submit(rec)  # counted accepted like any run
 
+    def _after_fork_in_child(self) -> None:
+        self._reset_process_state()
+        self.tracker.forget()
+        self._channel.after_fork()
+
     # -- bookkeeping -----------------------------------------------------------------------
+
+    def _unwritten(self) -> int:
+        c = self.counters
+        return c["spooled"] + c["dead_lettered"] + c["dropped"]
 
     def _count(self, counter: str, n: int, error: str | None = None) -> None:
         with self._lock:
@@ -168,25 +412,44 @@ class RunQueue:
             logger.warning(message)
 
 
-class Writer(RunQueue):
-    """Queue, batching, retries, spool and replay, flush and close for one destination."""
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (a `time.monotonic()` time), at least 0; None: no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def row_of(record: Run, settings: AuditSettings) -> dict[str, Any]:
+    """The row of a finished run (built with its handler's settings), not chained yet. A
+    dict is a row built already (by a `ProcessChannel`, for a run it could not send)."""
+    from .rows import build_row  # a dict lookup once loaded
+
+    if isinstance(record, dict):
+        return record
+    return build_row(record, record.settings or settings)
+
+
+class ThreadChannel:
+    """The in-process channel: the builder thread builds rows into a buffer (rows, bytes,
+    age) that a sender thread writes in batches; retries, spool, replay and dead letters."""
+
+    thread_name = "build"
+    join_cap = 0.2
+    asks_stats = False
 
     def __init__(
         self,
-        settings: AuditSettings,
+        writer: Writer,
         client: Any = None,
         *,
         sink: Sink | None = None,
         destination: str | None = None,
     ) -> None:
-        """A writer for `settings`' destination.
-
-        `client`: a ready `bigquery.Client` (else one is made on first write). `sink`: any
-        `Sink` to write with instead of BigQuery (no client, no provisioning; tests use
-        `MemorySink`). `destination`: the `project.dataset.table` whose spool folder to use,
-        when it differs from the settings' (`bq-audit replay --all`).
-        """
+        """The channel of `writer` (see `Writer` for `client`, `sink` and `destination`)."""
+        settings = writer.settings
         self.settings = settings
+        self._writer = writer
+        self._count = writer._count
+        self._warn = writer._warn
+        self._batch_rows = settings.batch_rows
         self._client = client
         self._own_client = client is None
         self._given_sink = sink
@@ -194,39 +457,34 @@ class Writer(RunQueue):
         if settings.sink == "write_api" and sink is None:
             _require_write_api()
         self._provisioned = sink is not None
-        self._max_queue = settings.max_queue_rows
-        self._batch_rows = settings.batch_rows
-        self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
-        self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
         self.destination = destination or destination_id(settings, client)
-        self.spool: Spool | None = None
+        self._spool: Spool | None = None
         if settings.spool_enabled:
             from .spool import Spool, default_spool_dir
 
             root = Path(settings.spool_dir) if settings.spool_dir else default_spool_dir()
-            self.spool = Spool(root, self.destination, settings.max_spool_bytes)
+            self._spool = Spool(root, self.destination, settings.max_spool_bytes)
             try:  # found now, not during the first outage
-                self.spool.check()
+                self._spool.check()
             except OSError as exc:
                 logger.warning("langchain-bq-audit: the spool cannot be used: %s", exc)
         self._reset_process_state()
 
+    @property
+    def spool(self) -> Spool | None:
+        return self._spool
+
     def _reset_process_state(self) -> None:
-        """Fresh queues, threads and counters (at creation and in a forked child)."""
-        self._records: deque[RunRecord | dict[str, Any] | _Marker] = deque()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()  # thread start/stop, counters
+        """A fresh buffer, sender, breaker and chain (at creation and in a forked child)."""
         self._cond = threading.Condition(threading.Lock())  # the row buffer and in-flight rows
-        self._rows: deque[tuple[dict[str, Any] | _Marker, int]] = deque()
+        self._rows: deque[tuple[dict[str, Any] | Marker, int]] = deque()
         self._rows_bytes = 0
         self._rows_markers = 0  # flush markers in `_rows`: they make the sender send now
         self._rows_since: float | None = None  # when the oldest unsent row was buffered
         self._inflight: list[dict[str, Any]] = []
         self._inflight_taken = False
-        self._builder: threading.Thread | None = None
         self._sender: threading.Thread | None = None
         self._generation = 0  # threads of an older generation finish their work and exit
-        self._stopping = False
         self._abort = threading.Event()
         self._breaker = Breaker()
         # a chain per writer and process: a forked child starts a chain of its own
@@ -239,154 +497,101 @@ class Writer(RunQueue):
         self._digests = Digester.for_writer(
             self.settings, None if self._own_client else self._client
         )
-        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self.last_error: str | None = None
         self.last_write_time: float | None = None
-        self._warned: dict[str, float] = {}
 
-    # -- control ---------------------------------------------------------------------------
+    # -- the lifecycle's hooks -------------------------------------------------------------
 
-    def ensure_started(self) -> None:
-        """Start the threads if they are not running (which replays an earlier spool)."""
-        if self._builder is None:
-            self._start()
+    def open(self) -> None:
+        self._abort.clear()
+        self._generation += 1
+        sender = threading.Thread(target=self._send_loop, args=(self._generation,),
+                                  name=f"bq-audit-send:{self.settings.table}",
+                                  daemon=True)  # fmt: skip
+        sender.start()
+        self._sender = sender
 
-    def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every row queued before this call is handled.
+    def mark(self, marker: Marker) -> None:
+        if marker.kind not in ("flush", "close"):  # nothing to wait for
+            marker.answer(True)
+            return
+        with self._cond:  # the sender answers it once the rows before it are settled
+            self._rows.append((marker, 0))
+            self._rows_markers += 1
+            self._cond.notify()
 
-        True when all of them were written to BigQuery; False on timeout, or when some were
-        spooled, dead-lettered or dropped instead (see `stats()`).
-        """
-        if self._builder is None and not self._records:
-            return True
-        marker = _Marker(self._unwritten())
-        self._records.append(marker)
-        if self._builder is None:
-            self._start()
-        self._wake.set()
-        if not marker.done.wait(timeout):
-            return False
-        return self._unwritten() == marker.unwritten_before
-
-    def close(self, timeout: float | None = 10.0) -> bool:
-        """Write what is queued within `timeout`, spool the rest, stop the threads.
-
-        Returns True when everything was written. The writer starts again if used again.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._abandon_pending()
-        if self._builder is None and not self._records:
-            self._close_digests(deadline)
-            self._seal_spool()
-            return True
-        ok = self.flush(timeout)
-        if not ok and (deadline is None or time.monotonic() >= deadline - 0.05):
-            self._abort.set()  # out of time: the sender stops retrying
-            self.spool_memory()
-        self._close_digests(deadline)  # every row is chained by now
-        self._stopping = True
-        self._wake.set()
-        with self._cond:
+    def drained(self) -> None:
+        with self._cond:  # the sender may stop now
             self._cond.notify_all()
-        for thread in (self._builder, self._sender):
-            if thread is not None and thread is not threading.current_thread():
-                left = 0.2 if deadline is None else deadline - time.monotonic()
-                thread.join(max(0.0, min(0.2, left)))
-        close_sink = getattr(self._sink, "close", None)
-        if close_sink is not None:  # the Write API's long-lived call; reopened if used again
-            close_sink()
-        self._seal_spool()
-        return ok
 
-    def _close_digests(self, deadline: float | None) -> None:
-        """digests.py: sign the closing digest and close the digests table's writer."""
-        if self._digests is not None:
-            self._digests.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-    def spool_memory(self) -> int:
-        """Move every row still in memory (queued, buffered, in flight) to the spool.
-
-        Used when a deadline runs out. A row in flight may still reach BigQuery as well;
-        the spool then holds a copy with the same event id, which dedup removes on read.
-        """
-        markers: list[_Marker] = []
+    def give_up(self, runs: list[Run]) -> int:
+        """Stop retrying, then move every row still in memory (`runs`, buffered, in
+        flight) to the spool."""
+        self._abort.set()
+        markers: list[Marker] = []
         with self._cond:
-            rows = [item for item, _ in self._rows if not isinstance(item, _Marker)]
-            markers = [item for item, _ in self._rows if isinstance(item, _Marker)]
+            rows = [item for item, _ in self._rows if not isinstance(item, Marker)]
+            markers = [item for item, _ in self._rows if isinstance(item, Marker)]
             self._rows.clear()
             self._rows_bytes = 0
             self._rows_markers = 0
             self._rows_since = None
             rows.extend(self._inflight)
             self._inflight_taken = True
-        while True:
-            try:
-                item = self._records.popleft()
-            except IndexError:
-                break
-            if isinstance(item, _Marker):
-                markers.append(item)
-            else:
-                row = self._row(item)
-                if row is not None:
-                    rows.append(row)
+        for run in runs:
+            row = self._row(run)
+            if row is not None:
+                rows.append(row)
         self._to_spool(rows)
         for marker in markers:
-            marker.done.set()
+            marker.answer(True)
         return len(rows)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters, the queue and buffer sizes, spool state, the last error.
+    def close(self, deadline: float | None, idle: bool) -> bool:
+        self._close_digests(deadline)  # every row is chained by now
+        if not idle:
+            with self._cond:
+                self._cond.notify_all()
+            sender = self._sender
+            left = time_left(deadline)
+            if sender is not None and sender is not threading.current_thread():
+                sender.join(0.2 if left is None else min(0.2, left))
+            close_sink = getattr(self._sink, "close", None)
+            if close_sink is not None:  # the Write API's long-lived call; reopened if used again
+                close_sink()
+        if self._spool is not None:
+            with contextlib.suppress(OSError):
+                self._spool.seal()
+        return True
 
-        `accepted == written + dead_lettered + spooled + dropped + queued` whenever the
-        writer is quiet (after `flush`): `queued` counts runs waiting to be built, rows
-        waiting to be sent and rows in flight.
-        """
-        out: dict[str, Any] = dict(self.counters)
+    def stats(self, answer: dict[str, Any] | None) -> dict[str, Any]:
         with self._cond:
             inflight = 0 if self._inflight_taken else len(self._inflight)
-        out["queued"] = (
-            sum(1 for i in list(self._records) if not isinstance(i, _Marker))
-            + sum(1 for i, _ in list(self._rows) if not isinstance(i, _Marker))
-            + inflight
-        )
-        out["bigquery_down"] = self._breaker.down
-        out["spool_bytes"] = self.spool.size_bytes() if self.spool else 0
-        out["last_error"] = self.last_error
-        out["last_write_time"] = self.last_write_time
-        out["writer_process"] = None  # rows are built and sent by this process's threads
-        return out
+        queued = sum(1 for i, _ in list(self._rows) if not isinstance(i, Marker))
+        return {
+            "queued": queued + inflight,
+            "bigquery_down": self._breaker.down,
+            "spool_bytes": self._spool.size_bytes() if self._spool else 0,
+            "last_error": None,  # the writer's own
+            "last_write_time": self.last_write_time,
+            "writer_process": None,  # rows are built and sent by this process's threads
+        }
 
-    # -- bookkeeping -----------------------------------------------------------------------
+    def after_fork(self) -> None:
+        self._reset_process_state()
+        self._sink = self._given_sink
+        if self._own_client:  # never share the parent's HTTP connections
+            self._client = None
+        if self._spool is not None:
+            self._spool.forget_after_fork()
 
-    def _unwritten(self) -> int:
-        c = self.counters
-        return c["spooled"] + c["dead_lettered"] + c["dropped"]
+    def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
+        self._breaker.succeeded()
+        return self._replay(progress)  # which seals the open segment first
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._builder is not None:
-                return
-            self._stopping = False
-            self._abort.clear()
-            self._generation += 1
-            gen = self._generation
-            name = self.settings.table
-            builder = threading.Thread(target=self._build_loop, name=f"bq-audit-build:{name}",
-                                       daemon=True)  # fmt: skip
-            sender = threading.Thread(target=self._send_loop, args=(gen,),
-                                      name=f"bq-audit-send:{name}", daemon=True)  # fmt: skip
-            try:
-                builder.start()
-                sender.start()
-            except RuntimeError:  # interpreter shutting down: nothing can be started now
-                return
-            self._builder, self._sender = builder, sender
-
-    def _seal_spool(self) -> None:
-        if self.spool is not None:
-            with contextlib.suppress(OSError):
-                self.spool.seal()
+    def _close_digests(self, deadline: float | None) -> None:
+        """digests.py: sign the closing digest and close the digests table's writer."""
+        if self._digests is not None:
+            self._digests.close(time_left(deadline))
 
     def _to_spool(self, rows: list[dict[str, Any]]) -> None:
         """Spool rows; what the spool cannot take (disabled, full, disk error) is dropped."""
@@ -396,9 +601,9 @@ class Writer(RunQueue):
 
         taken = 0
         error = "spool disabled (spool_enabled=false)"
-        if self.spool is not None:
+        if self._spool is not None:
             try:
-                taken = self.spool.append(rows)
+                taken = self._spool.append(rows)
                 error = "spool full (max_spool_bytes)"
             except SpoolWriteError as exc:  # the disk filled up part way
                 taken = exc.taken
@@ -412,14 +617,14 @@ class Writer(RunQueue):
 
     # -- builder thread --------------------------------------------------------------------
 
-    def _row(self, record: RunRecord | dict[str, Any]) -> dict[str, Any] | None:
+    def _row(self, record: Run) -> dict[str, Any] | None:
         """The row of a finished run, built with its handler's settings, then chained.
 
         None (the run counted `dropped`, with the error) only when not even a minimal row
         can be made of it; `build_row` already turns content it cannot render into one.
         """
         try:
-            row = self._built(record)
+            row = row_of(record, self.settings)
             if self._chain is not None:
                 self._chain.link(row)
                 if self._digests is not None:  # digests.py: signs a digest when one is due
@@ -430,36 +635,13 @@ class Writer(RunQueue):
             return None
         return row
 
-    def _built(self, record: RunRecord | dict[str, Any]) -> dict[str, Any]:
-        """The row of a finished run, not chained yet. A dict is a row built already (by a
-        `ProcessWriter`, for a run it could not send)."""
-        from .rows import build_row  # a dict lookup once loaded
-
-        if isinstance(record, dict):
-            return record
-        return build_row(record, record.settings or self.settings)
-
-    def _build(self) -> None:
+    def take(self, runs: Iterator[Run]) -> None:
         from .rows import row_size
 
-        records = self._records
-        settings = self.settings
-        limit = settings.max_buffer_bytes
+        limit = self.settings.max_buffer_bytes
         spill: list[dict[str, Any]] = []
-        while records:
-            try:
-                item = records.popleft()
-            except IndexError:  # emptied by spool_memory meanwhile
-                break
-            if isinstance(item, _Marker):
-                self._to_spool(spill)  # rows before the marker are settled before it passes
-                spill = []
-                with self._cond:
-                    self._rows.append((item, 0))
-                    self._rows_markers += 1
-                    self._cond.notify()
-                continue
-            row = self._row(item)
+        for run in runs:
+            row = self._row(run)
             if row is None:
                 continue
             size = row_size(row)
@@ -477,7 +659,7 @@ class Writer(RunQueue):
             if len(spill) >= self._batch_rows:
                 self._to_spool(spill)
                 spill = []
-        self._to_spool(spill)
+        self._to_spool(spill)  # rows before a marker are settled before it passes
         with self._cond:
             self._cond.notify()
 
@@ -487,20 +669,18 @@ class Writer(RunQueue):
         self._replay()  # rows an earlier process (or an earlier outage) left behind
         while True:
             batch: list[dict[str, Any]] = []
-            markers: list[_Marker] = []
+            markers: list[Marker] = []
             with self._cond:
                 wait = self._send_wait()
                 if wait > 0:
-                    if not self._rows and (
-                        gen != self._generation or (self._stopping and self._builder is None)
-                    ):
+                    if not self._rows and (gen != self._generation or self._writer.stopped):
                         return
                     self._cond.wait(self._breaker.probe_wait if self._breaker.down else wait)
                 size = 0
                 due = self._send_wait() <= 0  # else go round: the wait ended early
                 while due and self._rows and len(batch) < self._batch_rows:
                     item, item_size = self._rows[0]
-                    if isinstance(item, _Marker):
+                    if isinstance(item, Marker):
                         if batch:
                             break  # send what is before the marker first
                         self._rows.popleft()
@@ -520,16 +700,16 @@ class Writer(RunQueue):
             try:
                 if batch:
                     self._send_batch(batch)
-                if not self._stopping and self._breaker.probe_due():
+                if not self._writer.stopping and self._breaker.probe_due():
                     self._replay()
             except Exception as exc:  # never let the thread die
-                self.last_error = f"sender error: {exc!r}"
+                self._writer.last_error = f"sender error: {exc!r}"
                 self._warn("sender", f"langchain-bq-audit sender error: {exc!r}")
             finally:
                 with self._cond:
                     self._inflight = []
                 for marker in markers:
-                    marker.done.set()
+                    marker.answer(True)
 
     def _send_wait(self) -> float:
         """Seconds until the buffered rows are due (0: send now). Call with `_cond` held.
@@ -539,7 +719,7 @@ class Writer(RunQueue):
         """
         if not self._rows:
             return 1.0
-        if self._rows_markers or self._stopping or self._abort.is_set():
+        if self._rows_markers or self._writer.stopping or self._abort.is_set():
             return 0.0
         if len(self._rows) >= self._batch_rows or self._rows_bytes >= self.settings.batch_bytes:
             return 0.0
@@ -560,7 +740,7 @@ class Writer(RunQueue):
                 self._to_spool(batch)
 
     def _mark_down(self, error: str, setup: bool = False) -> None:
-        self.last_error = error
+        self._writer.last_error = error
         if self._breaker.failed():
             if setup:  # not an outage: say what to fix, at once
                 message = f"langchain-bq-audit: cannot write to {self.destination}, spooling: "
@@ -607,7 +787,7 @@ class Writer(RunQueue):
         from .retry import backoff_delays, setup_error
         from .sinks.base import PermanentError, RetryableError, TableMissingError
 
-        self.counters["batches"] += 1
+        self._writer.counters["batches"] += 1
         deadline = time.monotonic() + self.settings.batch_deadline_s
         delays = backoff_delays()
         pending = rows
@@ -648,7 +828,7 @@ class Writer(RunQueue):
                 # rows 'stopped' only because a neighbour was invalid are sent again
                 pending = [pending[i] for i, e in errors.items() if not e]
                 continue
-            self.last_error = error
+            self._writer.last_error = error
             wait = next(delays)
             if once or time.monotonic() + wait >= deadline or self._abort.is_set():
                 self._mark_down(error)
@@ -663,9 +843,9 @@ class Writer(RunQueue):
         """Keep rows BigQuery rejected for good; counted `dead_lettered` (`dropped` if the
         dead-letter file cannot be written), or `replay_dead_lettered` for spooled rows."""
         stored = False
-        if self.spool is not None:
+        if self._spool is not None:
             try:
-                self.spool.dead_letter(rows, errors)
+                self._spool.dead_letter(rows, errors)
                 stored = True
             except OSError as exc:
                 errors = [f"{e} (dead-letter write failed: {exc})" for e in errors]
@@ -679,7 +859,7 @@ class Writer(RunQueue):
 
     def _replay(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Write spooled segments (oldest first) until done or BigQuery fails again."""
-        spool = self.spool
+        spool = self._spool
         if spool is None:
             return 0
         from .replay import replay
@@ -690,30 +870,17 @@ class Writer(RunQueue):
             lambda records, errors: self._dead_letter(records, errors, replay=True),
             max_rows=self._batch_rows,
             max_bytes=self.settings.batch_bytes,
-            stop=lambda: self._stopping or self._abort.is_set(),
+            stop=lambda: self._writer.stopping or self._abort.is_set(),
             corrupt=lambda n: self._count("corrupt_spool_records", n, "torn spool record skipped"),
             progress=progress,
         )
         while spool.undeletable:  # a read-only spool: replayed, kept, never sent again here
             path, why = spool.undeletable.pop()
-            self.last_error = f"replayed spool segment {path} cannot be removed: {why}"
-            self._warn("undeletable", f"langchain-bq-audit: {self.last_error}; this process "
-                                      "will not send it again; remove it by hand")  # fmt: skip
+            error = f"replayed spool segment {path} cannot be removed: {why}"
+            self._writer.last_error = error
+            self._warn("undeletable", f"langchain-bq-audit: {error}; this process will not "
+                                      "send it again; remove it by hand")  # fmt: skip
         return sent
-
-    def _after_fork_in_child(self) -> None:
-        self._reset_process_state()
-        self.tracker.forget()
-        self._sink = self._given_sink
-        if self._own_client:  # never share the parent's HTTP connections
-            self._client = None
-        if self.spool is not None:
-            self.spool.forget_after_fork()
-
-    def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Replay the spool in the calling thread (what `bq-audit replay` does)."""
-        self._breaker.succeeded()
-        return self._replay(progress)  # which seals the open segment first
 
 
 def _require_write_api() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import operator
 import os
 import pickle
@@ -31,16 +32,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO
 from uuid import UUID
 
 from .records import RunRecord
 from .registry import get_writer
 from .rows import error_text, new_event_id, run_status, to_jsonable
 from .settings import AuditSettings
-from .tracker import RunTracker
-from .writer import COUNTERS, SETTLED, RunQueue, Writer
+from .writer import COUNTERS, SETTLED, Channel, Marker, Run, Writer, row_of, time_left
+
+if TYPE_CHECKING:
+    from .sinks.base import Sink
+    from .spool import Spool
 
 _HEADER = struct.Struct("<I")
 # Run ids cross as ints (a UUID pickles through Python code), errors as name and message.
@@ -151,45 +155,42 @@ def _dumps(items: list[Any]) -> bytes:
 # -- the application's side ----------------------------------------------------------------------
 
 
-class _Request:
-    """A flush, stats or close waiting for the child's answer."""
-
-    __slots__ = ("answer", "deadline", "done", "kind")
-
-    def __init__(self, kind: str, timeout: float | None) -> None:
-        self.kind = kind
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.done = threading.Event()
-        self.answer: tuple[bool, dict[str, Any] | None] = (False, None)
-
-    def timeout(self) -> float | None:
-        """What is left for the child, less a margin for its answer to get back in time."""
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic() - 0.2)
-
-
-class ProcessWriter(RunQueue):
-    """A `Writer` in a child process, behind the same methods."""
+class ProcessWriter(Writer):
+    """A `Writer` whose runs cross to a writer in a child process (`ProcessChannel`)."""
 
     def __init__(self, settings: AuditSettings) -> None:
-        self.settings = settings
-        self._child_settings = settings.replace(writer_process=False)
-        self._batch_rows = settings.batch_rows
-        self._max_queue = settings.max_queue_rows
-        self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
-        self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
+        super().__init__(settings)
+
+    def _open_channel(self, client: Any, sink: Sink | None, destination: str | None) -> Channel:
+        return ProcessChannel(self)
+
+
+class ProcessChannel:
+    """The feeder (the writer's builder thread) pickles runs in batches to a child process
+    running an ordinary `Writer`; a reader thread takes its answers."""
+
+    thread_name = "feed"
+    join_cap = 0.5
+    asks_stats = True
+
+    def __init__(self, writer: Writer) -> None:
+        self.settings = writer.settings
+        self._writer = writer
+        self._count = writer._count
+        self._warn = writer._warn
+        self._child_settings = self.settings.replace(writer_process=False)
         # In-process writer for warnings, for rows when no child can be had, and for the
         # spool when a deadline runs out; its threads start only if it gets rows.
         self._local = Writer(self._child_settings)
         self.destination = self._local.destination
         self._reset_process_state()
 
+    @property
+    def spool(self) -> Spool | None:
+        return self._local.spool  # the child's folder too
+
     def _reset_process_state(self) -> None:
-        self._records: deque[RunRecord | dict[str, Any] | _Request] = deque()
-        self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._builder: threading.Thread | None = None  # the feeder: pickles runs to the child
-        self._stopping = False
-        self._warned: dict[str, float] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._to_child: BinaryIO | None = None
         self._from_child: BinaryIO | None = None
@@ -198,166 +199,28 @@ class ProcessWriter(RunQueue):
         self._local_used = False
         self._seq = 0
         self._unacked: dict[int, list[Any]] = {}  # batches sent, not yet read by the child
-        self._waiting: dict[int, _Request] = {}
+        self._waiting: dict[int, Marker] = {}
         self._child: dict[str, Any] = {}  # the child's last counters
         self._earlier: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # of children that ended
-        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # of this side
-        self.last_error: str | None = None
 
-    # -- control ---------------------------------------------------------------------------
+    # -- the lifecycle's hooks -------------------------------------------------------------
 
-    def ensure_started(self) -> None:
-        """Start the feeder and the child (which replays an earlier spool)."""
-        if self._builder is None:
-            self._start()
-        self._ask("start", None, wait=False)
+    def open(self) -> None:
+        """Nothing to start: the child is started by the first run or request."""
 
-    def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every row queued before this call is handled (see `Writer.flush`)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._builder is None and not self._records:
-            return True
-        ok, _ = self._ask("flush", timeout)
-        if self._local_used:
-            ok = self._local.flush(_left(deadline)) and ok
-        return ok
-
-    def close(self, timeout: float | None = 10.0) -> bool:
-        """Write what is queued within `timeout`, spool the rest, stop the child."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._abandon_pending()
-        if self._builder is None and not self._records:
-            return True
-        ok, _ = self._ask("close", timeout)
-        with self._lock:
-            self._stopping = True
-        self._wake.set()
-        feeder = self._builder
-        if feeder is not None and feeder is not threading.current_thread():
-            left = _left(deadline)
-            feeder.join(0.5 if left is None else min(0.5, left))
-        rest = self._take_all()
-        if rest:  # the child did not take them in time: they go to the spool from here
-            ok = False
-            self._local_used = True
-            self._local._records.extend(rest)
-            self._local.spool_memory()
-        if self._local_used:
-            ok = self._local.close(_left(deadline)) and ok
-        return ok
-
-    def stats(self) -> dict[str, Any]:
-        """The child's counters and queue (asked afresh, or its last answer) and ours."""
-        fresh: dict[str, Any] | None = None
-        if self._builder is not None:  # asked behind the queued runs: they are sent first
-            _, fresh = self._ask("stats", 1.0)
-        child = fresh or self._child
-        # `accepted` is this side's (the runs handed to this writer); every other counter
-        # adds up what this side, the children that ended and the current child did
-        out: dict[str, Any] = {
-            name: self.counters[name] + self._earlier[name] + int(child.get(name, 0))
-            for name in COUNTERS
-        }
-        out["accepted"] = self.counters["accepted"]
-        queued = sum(1 for i in list(self._records) if not isinstance(i, _Request))
-        queued += sum(len(b) for b in list(self._unacked.values()))
-        out["queued"] = queued + int(child.get("queued", 0))
-        out["bigquery_down"] = bool(child.get("bigquery_down", False))
-        out["spool_bytes"] = int(child.get("spool_bytes", 0))
-        out["last_error"] = child.get("last_error") or self.last_error
-        out["last_write_time"] = child.get("last_write_time")
-        out["writer_process"] = self._proc.pid if self._proc is not None else None
-        out["handed_over"] = int(child.get("received", 0))  # runs the current child has read
-        if self._local_used:
-            local = self._local.stats()
-            for name in (*COUNTERS, "queued"):
-                if name != "accepted":  # counted here already, as it was handed over
-                    out[name] += local[name]
-            out["spool_bytes"] = max(out["spool_bytes"], local["spool_bytes"])  # one folder
-        return out
-
-    # -- bookkeeping -----------------------------------------------------------------------
-
-    def _ask(
-        self, kind: str, timeout: float | None, wait: bool = True
-    ) -> tuple[bool, dict[str, Any] | None]:
-        """Queue a request behind the runs already queued; its answer, or False on timeout."""
-        request = _Request(kind, timeout)
-        self._records.append(request)
-        if self._builder is None:
-            self._start()
-        self._wake.set()
-        if not wait or not request.done.wait(timeout):
-            return False, None
-        return request.answer
-
-    def _take_all(self) -> list[Any]:
-        """Everything the child has not read; requests among it are answered False."""
-        items: list[Any] = []
-        for seq in sorted(self._unacked):
-            items.extend(self._unacked.pop(seq, ()))
-        while True:
-            try:
-                item = self._records.popleft()
-            except IndexError:
-                break
-            if isinstance(item, _Request):
-                item.done.set()
-            else:
-                items.append(item)
-        return items
-
-    # -- feeder thread ---------------------------------------------------------------------
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._builder is not None:
-                return
-            self._stopping = False
-            feeder = threading.Thread(
-                target=self._build_loop, name=f"bq-audit-feed:{self.settings.table}", daemon=True
-            )
-            try:
-                feeder.start()
-            except RuntimeError:  # interpreter shutting down
-                return
-            self._builder = feeder
-
-    def _drained(self) -> None:
-        stream, self._to_child = self._to_child, None
-        if stream is not None:  # the child drains and exits when its pipe closes
-            with contextlib.suppress(OSError):
-                stream.close()
-
-    def _build(self) -> None:
-        records = self._records
-        while records:
-            batch: list[Any] = []
-            request = None
-            while records and len(batch) < self._batch_rows:
-                try:
-                    item = records.popleft()
-                except IndexError:  # emptied by close meanwhile
-                    break
-                if isinstance(item, _Request):
-                    request = item
-                    break
-                batch.append(item)
-            if batch:
-                self._send_batch(batch)
-            if request is not None:
-                self._send_request(request)
-
-    def _send_batch(self, batch: list[Any]) -> None:
+    def take(self, runs: Iterator[Run]) -> None:
+        batch = list(itertools.islice(runs, self.settings.batch_rows))
+        if not batch:
+            return
         if not self._child_ready():
             self._local_used = True
-            for item in batch:
-                self._local.submit(item)
+            for run in batch:
+                self._local.submit(run)
             return
         try:
             blob = _dumps(batch)
         except Exception:  # a run holds what cannot be pickled: that run crosses as its row
-            batch = [self._picklable(item) for item in batch]
+            batch = [self._picklable(run) for run in batch]
             blob = _dumps(batch)
         self._seq += 1
         seq = self._seq
@@ -365,21 +228,97 @@ class ProcessWriter(RunQueue):
         if not self._post(("batch", seq, blob)):
             with self._lock:  # the child is gone: if its end was handled, requeue here
                 if self._proc is None and self._unacked.pop(seq, None) is not None:
-                    self._records.extendleft(reversed(batch))
+                    self._writer._requeue(batch)
 
-    def _send_request(self, request: _Request) -> None:
-        if request.kind == "start":
+    def mark(self, marker: Marker) -> None:
+        if marker.kind == "start":
             self._child_ready()  # which replays the spool
+            marker.answer(True)
             return
         if self._proc is None:  # no child: nothing is waiting in one
-            request.answer = (True, None)
-            request.done.set()
+            ok = True
+            if self._local_used and marker.kind == "flush":  # rows went to the local writer
+                ok = self._local.flush(marker.left())
+            marker.answer(ok)
             return
         self._seq += 1
-        self._waiting[self._seq] = request
-        if not self._post((request.kind, self._seq, request.timeout())):
+        self._waiting[self._seq] = marker
+        # what is left for the child, less a margin for its answer to get back in time
+        left = marker.left()
+        if not self._post((marker.kind, self._seq, None if left is None else max(0.0, left - 0.2))):
             self._waiting.pop(self._seq, None)
-            request.done.set()  # answered False
+            marker.done.set()  # answered False
+
+    def drained(self) -> None:
+        stream, self._to_child = self._to_child, None
+        if stream is not None:  # the child drains and exits when its pipe closes
+            with contextlib.suppress(OSError):
+                stream.close()
+
+    def give_up(self, runs: list[Run]) -> int:
+        """Runs the child has not read, and `runs`, go to the spool from here."""
+        rest = self._take_unacked() + runs
+        if not rest:
+            return 0
+        self._local_used = True
+        return self._local.spool_memory(rest)
+
+    def close(self, deadline: float | None, idle: bool) -> bool:
+        if idle:
+            return True
+        ok = True
+        if self.give_up([]):  # sent after the close request: the child did not take them
+            ok = False
+        if self._local_used:
+            ok = self._local.close(time_left(deadline)) and ok
+        return ok
+
+    def stats(self, answer: dict[str, Any] | None) -> dict[str, Any]:
+        """The child's counters and queue (its answer, or its last one), of the children
+        that ended, and of the local writer; `accepted` is the application's writer's."""
+        child = answer or self._child
+        out: dict[str, Any] = {
+            name: self._earlier[name] + int(child.get(name, 0))
+            for name in COUNTERS
+            if name != "accepted"
+        }
+        queued = sum(len(b) for b in list(self._unacked.values()))
+        out["queued"] = queued + int(child.get("queued", 0))
+        out["bigquery_down"] = bool(child.get("bigquery_down", False))
+        out["spool_bytes"] = int(child.get("spool_bytes", 0))
+        out["last_error"] = child.get("last_error")
+        out["last_write_time"] = child.get("last_write_time")
+        out["writer_process"] = self._proc.pid if self._proc is not None else None
+        out["handed_over"] = int(child.get("received", 0))  # runs the current child has read
+        if self._local_used:
+            local = self._local.stats()
+            for name in (*COUNTERS, "queued"):
+                if name != "accepted":  # counted by the application's writer already
+                    out[name] += local[name]
+            out["spool_bytes"] = max(out["spool_bytes"], local["spool_bytes"])  # one folder
+        return out
+
+    def after_fork(self) -> None:
+        # the pipe and the child belong to the parent: close our copies, start afresh
+        streams = (self._to_child, self._from_child)
+        self._reset_process_state()
+        for stream in streams:
+            if stream is not None:  # unbuffered: closing our copy sends nothing
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+        self._local._after_fork_in_child()
+
+    def replay_now(self, progress: Callable[[int, int], None] | None = None) -> int:
+        return self._local.replay_now(progress)
+
+    # -- feeder thread ---------------------------------------------------------------------
+
+    def _take_unacked(self) -> list[Any]:
+        """The batches the child has not read, in order."""
+        items: list[Any] = []
+        for seq in sorted(self._unacked):
+            items.extend(self._unacked.pop(seq, ()))
+        return items
 
     def _post(self, message: tuple[Any, ...]) -> bool:
         stream = self._to_child
@@ -396,7 +335,7 @@ class ProcessWriter(RunQueue):
             _dumps([item])
         except Exception as exc:
             self._warn("unpicklable", f"langchain-bq-audit: rows built in-process: {exc!r}")
-            return self._local._built(item)
+            return row_of(item, self._child_settings)
         return item
 
     # -- the child process -----------------------------------------------------------------
@@ -468,19 +407,17 @@ class ProcessWriter(RunQueue):
                         self._warn("unreadable", "langchain-bq-audit: rows built in-process: "
                                                  f"{answer}")  # fmt: skip
                         try:
-                            rows = [self._local._built(item) for item in batch]
+                            rows = [row_of(item, self._child_settings) for item in batch]
                         except Exception as exc:  # build_row does not raise; be sure
                             self._count("dropped", len(batch), f"rows not built: {exc!r}")
                             continue
-                        self._records.extendleft(reversed(rows))
-                        self._wake.set()
+                        self._writer._requeue(rows)
                 elif kind == "done":
                     request = self._waiting.pop(seq, None)
                     ok, stats = answer
                     self._child = stats
                     if request is not None:
-                        request.answer = (ok, stats)
-                        request.done.set()
+                        request.answer(ok, stats)
         self._child_ended(proc)
 
     def _child_ended(self, proc: subprocess.Popen[bytes]) -> None:
@@ -497,10 +434,7 @@ class ProcessWriter(RunQueue):
             for name in COUNTERS:
                 self._earlier[name] += int(child.get(name, 0))
             # batches it had not read are still here: they go to the next child
-            resend: list[Any] = []
-            for seq in sorted(self._unacked):
-                resend.extend(self._unacked.pop(seq))
-            self._records.extendleft(reversed(resend))
+            self._writer._requeue(self._take_unacked())
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
@@ -513,28 +447,9 @@ class ProcessWriter(RunQueue):
             if held > 0:
                 self._count("dropped", held, error)
             else:
-                self.last_error = error
+                self._writer.last_error = error
             quick = time.monotonic() - self._started_at < _QUICK_DEATH_S
             self._quick_deaths = self._quick_deaths + 1 if quick else 0
-        if self._records:
-            if self._builder is None:
-                self._start()
-            self._wake.set()
-
-    def _after_fork_in_child(self) -> None:
-        # the pipe and the child belong to the parent: close our copies, start afresh
-        streams = (self._to_child, self._from_child)
-        self._reset_process_state()
-        self.tracker.forget()
-        for stream in streams:
-            if stream is not None:  # unbuffered: closing our copy sends nothing
-                with contextlib.suppress(OSError, ValueError):
-                    stream.close()
-        self._local._after_fork_in_child()
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _settled(counters: dict[str, Any]) -> int:
