@@ -287,11 +287,13 @@ class Writer:
         return marker.ok and self._unwritten() == marker.unwritten_before, marker.stats
 
     def _requeue(self, runs: Sequence[Run]) -> None:
-        """Put runs back at the head of the queue (a channel could not take them)."""
+        """Put runs back at the head of the queue (a channel could not take them), and
+        see that a builder takes whatever is queued."""
         self._records.extendleft(reversed(runs))
-        if self._builder is None:
-            self._start()
-        self._wake.set()
+        if self._records:
+            if self._builder is None:
+                self._start()
+            self._wake.set()
 
     def _take_queued(self) -> list[Run]:
         """Empty the queue: its runs; requests among them are answered False."""
