@@ -90,6 +90,7 @@ class Channel(Protocol):
     thread_name: str  # the builder thread's name: `bq-audit-<thread_name>:<table>`
     join_cap: float  # seconds `close` waits at most for the builder thread to end
     asks_stats: bool  # `stats` sends a "stats" request behind the queued runs first
+    asks_start: bool  # `ensure_started` sends a "start" request (else starting is enough)
 
     @property
     def spool(self) -> Spool | None: ...
@@ -204,7 +205,10 @@ class Writer:
 
     def ensure_started(self) -> None:
         """Start the threads if they are not running (which replays an earlier spool)."""
-        self._request("start", None, wait=False)
+        if self._channel.asks_start:
+            self._request("start", None, wait=False)
+        elif self._builder is None:
+            self._start()
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every row queued before this call is handled.
@@ -436,6 +440,7 @@ class ThreadChannel:
     thread_name = "build"
     join_cap = 0.2
     asks_stats = False
+    asks_start = False
 
     def __init__(
         self,

@@ -172,6 +172,7 @@ class ProcessChannel:
     thread_name = "feed"
     join_cap = 0.5
     asks_stats = True
+    asks_start = True  # the child is started on the feeder thread, never in a callback
 
     def __init__(self, writer: Writer) -> None:
         self.settings = writer.settings
