@@ -99,9 +99,9 @@ class Channel(Protocol):
         """Start the channel's own threads (with the writer's lock held, before the builder)."""
 
     def take(self, runs: Iterator[Run]) -> None:
-        """Hand runs across. `runs` pops them off the queue one at a time (so the one in
-        hand is the only run `spool_memory` cannot reach) up to the next request; what the
-        channel does not take stays queued."""
+        """Hand runs across. `runs` pops them off the queue as they are asked for, up to
+        the next request; what the channel does not take stays queued. A run in hand is
+        out of `spool_memory`'s reach, so take few at a time (`ThreadChannel`: one)."""
 
     def mark(self, marker: Marker) -> None:
         """Answer `marker` once every run taken before it is settled (or at once)."""
