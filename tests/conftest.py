@@ -65,19 +65,29 @@ class ExternalBigQuery:
 
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The BigQuery the tests write to: the embedded one, started for this session, or an
-    endpoint named by `BQ_AUDIT_TEST_ENDPOINT` (see `ExternalBigQuery`)."""
+    """The BigQuery the tests write to: the embedded one, started for this session (with
+    pytest-xdist, one per worker), or an endpoint named by `BQ_AUDIT_TEST_ENDPOINT` (see
+    `ExternalBigQuery`). When the session ends, no row or spool file it left may hold a
+    secret the tests planted (tests/leak_scan.py)."""
     import os
+
+    from .leak_scan import assert_no_secret_left
 
     endpoint = os.environ.get("BQ_AUDIT_TEST_ENDPOINT")
     if endpoint:
-        yield ExternalBigQuery(endpoint, os.environ.get("BQ_AUDIT_TEST_PROJECT", "local"),
-                               os.environ.get("BQ_AUDIT_TEST_GRPC"))  # fmt: skip
+        external = ExternalBigQuery(endpoint, os.environ.get("BQ_AUDIT_TEST_PROJECT", "local"),
+                                    os.environ.get("BQ_AUDIT_TEST_GRPC"))  # fmt: skip
+        yield external
+        assert_no_secret_left(external.client(), tmp_path_factory.getbasetemp())
         return
     bq = LocalBigQuery(tmp_path_factory.mktemp("local-bigquery"))
     bq.start()
-    yield bq
-    bq.stop()
+    try:
+        yield bq
+        # after the session's last test (with xdist: this worker's), over all it wrote
+        assert_no_secret_left(bq.client(), tmp_path_factory.getbasetemp())
+    finally:
+        bq.stop()
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +137,8 @@ def mocks() -> Iterator[Any]:
     loop.close()
 
 
-def _proxied(port: int) -> Iterator[FaultProxy]:
-    p = FaultProxy(port)
+def _proxied(port: int, project: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(port, project=project)
     yield p
     p.close()
 
@@ -136,13 +146,13 @@ def _proxied(port: int) -> Iterator[FaultProxy]:
 @pytest.fixture
 def proxy(emulator: LocalBigQuery) -> Iterator[FaultProxy]:
     """A TCP proxy in front of the emulator's HTTP port, to stall or reset on demand."""
-    yield from _proxied(emulator.port)
+    yield from _proxied(emulator.port, emulator.project)
 
 
 @pytest.fixture
 def grpc_proxy(emulator: LocalBigQuery) -> Iterator[FaultProxy]:
     """The same in front of its gRPC port (the Storage Write API)."""
-    yield from _proxied(emulator.grpc_port)
+    yield from _proxied(emulator.grpc_port, emulator.project)
 
 
 def query(client: Any, sql: str, **params: Any) -> list[dict[str, Any]]:

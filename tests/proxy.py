@@ -18,8 +18,11 @@ import threading
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", project: str = "local"
+    ) -> None:
         self.target = (target_host, target_port)
+        self.project = project  # of the BigQuery behind it, for clients through the proxy
         self.mode = "pass"
         self.status = 503
         self.answered = 0  # requests answered with `status` in `http` mode

@@ -80,7 +80,7 @@ def test_env_var_audits_every_run_of_a_process_without_callbacks(
     rows = query(
         bq_client,
         f"SELECT run_type, user_id, app_name, trace_id, run_id, parent_run_id, output_text "
-        f"FROM `local.language_model_logging.{table_name}`",
+        f"FROM `{bq_client.project}.language_model_logging.{table_name}`",
     )
     assert len(rows) == 3 * 4  # sequence, prompt, model, parser for each call
     roots = [r for r in rows if r["parent_run_id"] is None]
@@ -125,7 +125,9 @@ def test_global_and_explicit_handlers_for_different_tables_both_write(
     chain().invoke({"question": "q"}, config={"callbacks": [explicit]})
     assert langchain_bq_audit.flush(timeout=20)
     assert len(read_rows()) == 4
-    rows = query(bq_client, f"SELECT run_id FROM `local.language_model_logging.{other}`")
+    rows = query(
+        bq_client, f"SELECT run_id FROM `{bq_client.project}.language_model_logging.{other}`"
+    )
     assert len(rows) == 4
 
 
@@ -420,8 +422,9 @@ def run_app(tmp_path: Any, argv: list[str], env: dict[str, str]) -> str:
 
 
 def roots_by_user(bq_client: Any, table_name: str) -> dict[str, list[str]]:
+    table = f"{bq_client.project}.language_model_logging.{table_name}"
     rows = query(bq_client, f"SELECT user_id, parent_run_id, output_text, trace_id "
-                            f"FROM `local.language_model_logging.{table_name}`")  # fmt: skip
+                            f"FROM `{table}`")  # fmt: skip
     out: dict[str, list[str]] = {}
     for row in rows:
         if row["parent_run_id"] is None:

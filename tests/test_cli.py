@@ -79,7 +79,7 @@ def test_tail_shows_the_latest_rows_readable_filtered_and_as_json(
     assert rows[0]["total_tokens"] == 31 and rows[0]["output_text"] == "answer 3"
 
     # a row written twice (a retry after a lost answer, a replay) shows once
-    full = f"local.language_model_logging.{table_name}"
+    full = f"{bq_client.project}.language_model_logging.{table_name}"
     query(bq_client, f"INSERT INTO `{full}` SELECT * FROM `{full}` WHERE session_id = 's-b'")
     assert len(query(bq_client, f"SELECT 1 FROM `{full}` WHERE session_id = 's-b'")) == 4
     again = bq_audit("tail", "--json", "--session", "s-b", *where).stdout.splitlines()
@@ -145,8 +145,8 @@ def test_stats_summarizes_the_table_and_the_local_spool(
     dead = FaultProxy(1)
     dead.set_mode("reset")
     stranded = BigQueryAuditHandler(table=table_name, emulator_host=dead.host_port,
-                                    project="local", spool_dir=str(spool), batch_age_s=0.01,
-                                    batch_deadline_s=0.2)  # fmt: skip
+                                    project=bq_client.project, spool_dir=str(spool),
+                                    batch_age_s=0.01, batch_deadline_s=0.2)  # fmt: skip
     try:
         GenericFakeChatModel(messages=iter([AIMessage("x")])).invoke(
             "q", config={"callbacks": [stranded]}
@@ -160,8 +160,8 @@ def test_stats_summarizes_the_table_and_the_local_spool(
     stats = json.loads(bq_audit("stats", "--json", *where).stdout)
     assert (stats["rows"], stats["sessions"], stats["users"]) == (4, 2, 2)
     assert (stats["model_calls"], stats["total_tokens"], stats["errors"]) == (3, 63, 1)
-    newest = query(bq_client, f"SELECT MAX(timestamp) AS t FROM `local.language_model_logging."
-                              f"{table_name}`")[0]["t"]  # fmt: skip
+    newest = query(bq_client, f"SELECT MAX(timestamp) AS t FROM `{bq_client.project}."
+                              f"language_model_logging.{table_name}`")[0]["t"]  # fmt: skip
     assert stats["newest_run_end"] == str(newest)
     assert (stats["spooled_rows"], stats["dead_letter_rows"]) == (1, 0)
     human = bq_audit("stats", *where)

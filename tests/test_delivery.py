@@ -35,11 +35,11 @@ def through(proxy: FaultProxy) -> Any:
     """A BigQuery client whose every request crosses the fault proxy."""
     from langchain_bq_audit.client import make_client
 
-    return make_client(AuditSettings(emulator_host=proxy.host_port, project="local"))
+    return make_client(AuditSettings(emulator_host=proxy.host_port, project=proxy.project))
 
 
 def count(bq_client: Any, table: str, view: bool = False) -> int:
-    name = f"local.{DATASET}.{table}{'_dedup' if view else ''}"
+    name = f"{bq_client.project}.{DATASET}.{table}{'_dedup' if view else ''}"
     return query(bq_client, f"SELECT COUNT(*) AS n FROM `{name}`")[0]["n"]
 
 
@@ -71,7 +71,9 @@ def test_outage_in_the_middle_of_10000_calls_loses_nothing(
     assert stats["spooled"] > 0, "the outage should have sent rows to the spool"
     assert stats["replayed"] == stats["spooled"]
     assert stats["dropped"] == stats["dead_lettered"] == 0
-    ids = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}_dedup`")
+    ids = query(
+        bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}_dedup`"
+    )
     assert sorted(int(r["user_id"]) for r in ids) == list(range(10_000))
     assert count(bq_client, table_name, view=True) == 10_000
     handler.close()
@@ -148,7 +150,9 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
                    child_env(f"127.0.0.1:{proxy.target[1]}", spool_dir))  # fmt: skip
     _, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
-    rows = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}_dedup`")
+    rows = query(
+        bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}_dedup`"
+    )
     assert sorted(r["user_id"] for r in rows) == sorted(f"hung-{i}" for i in range(20))
     assert not list(spool_dir.rglob("*.seg")), "replayed segments are removed"
 
@@ -269,7 +273,7 @@ def test_a_permanently_invalid_row_is_dead_lettered_and_its_batch_written(
     stats = handler.stats()
     assert_accounted(stats)
     assert (stats["written"], stats["dead_lettered"], stats["dropped"]) == (4, 1, 0)
-    users = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}`")
+    users = query(bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}`")
     assert sorted(r["user_id"] for r in users) == ["a", "b", "d", "e"]  # ...but its batch was
 
     (dead,) = handler._writer.spool.dead_letters()
@@ -325,7 +329,7 @@ def test_fork_parent_and_child_each_write_their_own_rows_once(
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert out.split() == ["child-exit", "0", "written", "20"]
-    rows = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}`")
+    rows = query(bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}`")
     expected = [f"before-{i}" for i in range(10)] + [f"parent-{i}" for i in range(10)]
     expected += [f"child-{i}" for i in range(5)]
     assert sorted(r["user_id"] for r in rows) == sorted(expected)  # each once, none twice

@@ -34,11 +34,11 @@ DATASET = "language_model_logging"
 def through(proxy: FaultProxy) -> Any:
     from langchain_bq_audit.client import make_client
 
-    return make_client(AuditSettings(emulator_host=proxy.host_port, project="local"))
+    return make_client(AuditSettings(emulator_host=proxy.host_port, project=proxy.project))
 
 
 def count(bq_client: Any, table: str, view: bool = True) -> int:
-    name = f"local.{DATASET}.{table}{'_dedup' if view else ''}"
+    name = f"{bq_client.project}.{DATASET}.{table}{'_dedup' if view else ''}"
     return int(query(bq_client, f"SELECT COUNT(*) AS n FROM `{name}`")[0]["n"])
 
 
@@ -132,9 +132,9 @@ def test_a_read_only_spool_is_replayed_once_not_forever(
     emulator, bq_client, table_name, tmpfs, caplog
 ) -> None:
     spool_root = tmpfs(4 * 1024 * 1024)
-    closed = BigQueryAuditHandler(emulator_host=f"127.0.0.1:{_free_port()}", project="local",
-                                  table=table_name, spool_dir=str(spool_root),
-                                  batch_deadline_s=0.3)  # fmt: skip
+    closed = BigQueryAuditHandler(emulator_host=f"127.0.0.1:{_free_port()}",
+                                  project=bq_client.project, table=table_name,
+                                  spool_dir=str(spool_root), batch_deadline_s=0.3)  # fmt: skip
     calls(closed, 40)
     closed.close(timeout=10)
     assert closed.stats()["spooled"] == 40
@@ -163,7 +163,7 @@ def _free_port() -> int:
 def test_a_spool_record_that_is_not_a_row_does_not_stop_delivery(
     emulator, bq_client, table_name, tmp_path
 ) -> None:
-    spool = Spool(tmp_path, f"local.{DATASET}.{table_name}", max_bytes=10**6)
+    spool = Spool(tmp_path, f"{bq_client.project}.{DATASET}.{table_name}", max_bytes=10**6)
     spool.append([{"note": "written by hand, no event_id"}])
     spool.seal()
     handler = BigQueryAuditHandler(client=bq_client, table=table_name, spool_dir=str(tmp_path),
@@ -276,8 +276,8 @@ def test_two_processes_sharing_a_spool_count_each_row_written_once(
     emulator, bq_client, table_name, tmp_path
 ) -> None:
     spool = tmp_path / "spool"
-    closed = BigQueryAuditHandler(emulator_host=f"127.0.0.1:{_free_port()}", project="local",
-                                  table=table_name, spool_dir=str(spool),
+    closed = BigQueryAuditHandler(emulator_host=f"127.0.0.1:{_free_port()}",
+                                  project=bq_client.project, table=table_name, spool_dir=str(spool),
                                   batch_deadline_s=0.3, batch_rows=100)  # fmt: skip
     calls(closed, 600, "spooled")
     closed.close(timeout=30)
@@ -317,7 +317,7 @@ def test_writer_processes_killed_three_times_keep_the_accounts(
     emulator, bq_client, table_name, tmp_path
 ) -> None:
     handler = BigQueryAuditHandler(client=None, emulator_host=emulator.host_port,
-                                   project="local", table=table_name, writer_process=True,
+                                   project=bq_client.project, table=table_name, writer_process=True,
                                    spool_dir=str(tmp_path), batch_age_s=0.2)  # fmt: skip
     killed = []
     for round_ in range(4):

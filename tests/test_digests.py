@@ -57,13 +57,16 @@ def write_signed(handler: BigQueryAuditHandler, n: int, first: int = 0) -> None:
 
 
 def rows_of(bq_client: Any, table: str) -> list[dict[str, Any]]:
-    return query(bq_client, f"SELECT * FROM `local.{DATASET}.{table}` ORDER BY chain_id, seq")
+    return query(
+        bq_client, f"SELECT * FROM `{bq_client.project}.{DATASET}.{table}` ORDER BY chain_id, seq"
+    )
 
 
 def digests_of(bq_client: Any, table: str) -> list[dict[str, Any]]:
     return query(
         bq_client,
-        f"SELECT * FROM `local.{DATASET}.{table}_digests` ORDER BY chain_id, digest_seq",
+        f"SELECT * FROM `{bq_client.project}.{DATASET}.{table}_digests` "
+        "ORDER BY chain_id, digest_seq",
     )
 
 
@@ -86,8 +89,8 @@ def rewrite(bq_client: Any, table: str, row: dict[str, Any], **changes: Any) -> 
     row.update(changes)
     row["row_hash"] = row_hash(row, json_parsed=True)
     sets = ", ".join(f"{k} = @{k}" for k in [*changes, "row_hash"])
-    query(bq_client, f"UPDATE `local.{DATASET}.{table}` SET {sets} WHERE seq = @where_seq "
-          "AND chain_id = @where_chain", **changes, row_hash=row["row_hash"],
+    query(bq_client, f"UPDATE `{bq_client.project}.{DATASET}.{table}` SET {sets} "
+          "WHERE seq = @where_seq AND chain_id = @where_chain", **changes, row_hash=row["row_hash"],
           where_seq=row["seq"], where_chain=row["chain_id"])  # fmt: skip
     return str(row["row_hash"])
 
@@ -162,7 +165,7 @@ def test_appending_a_forged_row_after_the_last_is_named(
     forged = {**rows[11], "seq": 13, "event_id": "forged-13", "output_text": "forged",
               "prev_hash": rows[11]["row_hash"]}  # fmt: skip
     forged["row_hash"] = row_hash(forged, json_parsed=True)
-    full = f"local.{DATASET}.{table_name}"
+    full = f"{bq_client.project}.{DATASET}.{table_name}"
     query(bq_client, f"INSERT INTO `{full}` SELECT * REPLACE (13 AS seq, @e AS event_id, "
           f"@o AS output_text, @p AS prev_hash, @h AS row_hash) FROM `{full}` WHERE seq = 12",
           e="forged-13", o="forged", p=forged["prev_hash"], h=forged["row_hash"])  # fmt: skip
@@ -178,7 +181,7 @@ def test_deleting_the_tail_older_than_one_digest_is_named(
     emulator, bq_client, make_handler, table_name, key
 ) -> None:
     rows = signed_table(make_handler, bq_client, table_name, key[0])
-    query(bq_client, f"DELETE FROM `local.{DATASET}.{table_name}` WHERE seq > 5")
+    query(bq_client, f"DELETE FROM `{bq_client.project}.{DATASET}.{table_name}` WHERE seq > 5")
     chain = rows[0]["chain_id"]
     assert_fools_unkeyed_but_not_signed(
         emulator, table_name, key[1],
@@ -201,8 +204,8 @@ def test_deleting_a_whole_chain_between_two_digests_is_named(
     rows = rows_of(bq_client, table_name)
     (chain_b,) = {r["chain_id"] for r in rows if r["output_text"] == "a100"}
     assert len({r["chain_id"] for r in rows}) == 2
-    query(bq_client, f"DELETE FROM `local.{DATASET}.{table_name}` WHERE chain_id = @c",
-          c=chain_b)  # fmt: skip
+    query(bq_client, f"DELETE FROM `{bq_client.project}.{DATASET}.{table_name}` "
+          "WHERE chain_id = @c", c=chain_b)  # fmt: skip
     assert_fools_unkeyed_but_not_signed(
         emulator, table_name, key[1],
         f"chain {chain_b} seq 1: chain_deleted: no row in the table, though 2 signed "
@@ -220,7 +223,7 @@ def test_a_forged_digest_is_named_and_proves_nothing(
     # the forger signs digests that would cover the edit: with a key of his own, once under
     # the real key's id and once under his key's id
     own = Ed25519PrivateKey.generate()
-    full = f"local.{DATASET}.{table_name}_digests"
+    full = f"{bq_client.project}.{DATASET}.{table_name}_digests"
     for number, claimed in ((4, closing["key_id"]), (5, key_id(own.public_key()))):
         forged = {**closing, "digest_seq": number, "last_row_hash": rows[11]["row_hash"]}
         forged["signature"] = own.sign(canonical({**forged, "key_id": claimed})).hex()
@@ -249,7 +252,10 @@ def test_a_local_digest_file_still_names_a_chain_deleted_with_its_digests(
     )
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     for suffix in ("", "_digests"):  # someone who can edit both tables
-        query(bq_client, f"DELETE FROM `local.{DATASET}.{table_name}{suffix}` WHERE TRUE")
+        query(
+            bq_client,
+            f"DELETE FROM `{bq_client.project}.{DATASET}.{table_name}{suffix}` WHERE TRUE",
+        )
     chain = in_table[0]["chain_id"]
     code, out = verify(emulator, table_name, key[1])
     assert code == 0 and "verified 0 rows" in out, out  # nothing left to see in BigQuery
@@ -370,7 +376,7 @@ def test_init_creates_the_digests_table_from_schema_py(emulator, bq_client, tabl
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"table local.{DATASET}.{table_name}_digests: created" in done.stdout
-    table = bq_client.get_table(f"local.{DATASET}.{table_name}_digests")
+    table = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_digests")
     assert [(f.name, schema.normalize_type(f.field_type), f.mode) for f in table.schema] == [
         (c.name, c.type, c.mode) for c in schema.DIGEST_COLUMNS
     ]

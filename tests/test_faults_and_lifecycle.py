@@ -71,7 +71,9 @@ def test_emulator_host_env_points_the_default_client(
     assert handler.flush(timeout=120)  # the first write creates the table: slow when loaded
     handler.close()
 
-    rows = query(bq_client, f"SELECT output_text FROM `local.language_model_logging.{table}`")
+    rows = query(
+        bq_client, f"SELECT output_text FROM `{bq_client.project}.language_model_logging.{table}`"
+    )
     assert rows == [{"output_text": "via env"}]
 
 
@@ -99,11 +101,17 @@ def test_rows_are_written_at_exit_without_a_flush(emulator, bq_client) -> None:
             model.invoke("x", config={"callbacks": [handler], "metadata": {"user_id": str(i)}})
         print("queued", handler.stats()["queued"])
         """,
-        {"BIGQUERY_EMULATOR_HOST": emulator.host_port, "BQ_AUDIT_TABLE": table},
+        {
+            "BIGQUERY_EMULATOR_HOST": emulator.host_port,
+            "BQ_AUDIT_PROJECT": emulator.project,
+            "BQ_AUDIT_TABLE": table,
+        },
     )
     assert child.returncode == 0, child.stderr
     assert "queued 20" in child.stdout
-    rows = query(bq_client, f"SELECT user_id FROM `local.language_model_logging.{table}`")
+    rows = query(
+        bq_client, f"SELECT user_id FROM `{bq_client.project}.language_model_logging.{table}`"
+    )
     assert sorted(int(r["user_id"]) for r in rows) == list(range(20))
 
 

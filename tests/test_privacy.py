@@ -221,7 +221,8 @@ def test_user_ids_are_pseudonymous_and_stable_across_processes(
     users = [
         r["user_id"]
         for r in query(
-            bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}` ORDER BY timestamp"
+            bq_client,
+            f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}` ORDER BY timestamp",
         )
     ]
     one = hmac.new(b"key-one", b"alice", hashlib.sha256).hexdigest()
@@ -253,7 +254,7 @@ def test_verify_names_deleted_and_edited_rows_by_chain_and_seq(
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert f"chain {chain_id}: 12 rows, ok" in clean.stdout
 
-    full = f"local.{DATASET}.{table_name}"
+    full = f"{bq_client.project}.{DATASET}.{table_name}"
     replayed = json.loads(json.dumps({k: v for k, v in rows[2].items() if v is not None},
                                      default=str))  # fmt: skip
     assert bq_client.insert_rows_json(full, [replayed]) == []  # an exact copy, as a replay
@@ -280,8 +281,8 @@ def test_verify_since_checks_only_the_rows_from_that_date_on(
     from langchain_bq_audit.integrity import HashChain
     from langchain_bq_audit.rows import iso
 
-    full = f"local.{DATASET}.{table_name}"
-    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
+    full = f"{bq_client.project}.{DATASET}.{table_name}"
+    bq_client.create_dataset(f"{bq_client.project}.{DATASET}", exists_ok=True)
     bq_client.create_table(bigquery.Table(full, schema=schema.to_schema_fields()))
     today = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     chain = HashChain()
@@ -323,7 +324,7 @@ def test_verify_reports_two_different_rows_under_one_seq_as_conflicting_copies(
                                   default=str))  # fmt: skip
     other["output_text"] = "another answer"
     other["row_hash"] = row_hash(other, json_parsed=True)  # a valid row of its own
-    assert bq_client.insert_rows_json(f"local.{DATASET}.{table_name}", [other]) == []
+    assert bq_client.insert_rows_json(f"{bq_client.project}.{DATASET}.{table_name}", [other]) == []
 
     found = verify_cli(emulator, table_name)
     assert found.returncode == 1, found.stdout

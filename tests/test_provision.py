@@ -67,13 +67,13 @@ def test_init_the_writer_and_pulumi_build_the_same_table(
     assert f"table local.{DATASET}.{table_name}_init: created" in proc.stdout
     for suffix in views.VIEWS:  # every view (`_otel`, `_nodes`, ...); Pulumi's: test_infra.py
         assert f"view local.{DATASET}.{table_name}_init{suffix}: created" in proc.stdout
-    by_init = bq_client.get_table(f"local.{DATASET}.{table_name}_init")
+    by_init = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_init")
 
     handler = BigQueryAuditHandler(client=bq_client, table=f"{table_name}_writer",
                                    retention_days=30, labels="team=ml")  # fmt: skip
     FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler]})
     assert handler.flush(timeout=20)
-    by_writer = bq_client.get_table(f"local.{DATASET}.{table_name}_writer")
+    by_writer = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_writer")
 
     declare(lambda: AuditLogInfra("audit", retention_days=30, labels={"team": "ml"}))
     tables = {t["tableId"]: t for t in mocks.of_type("gcp:bigquery/table:Table")}
@@ -85,11 +85,11 @@ def test_init_the_writer_and_pulumi_build_the_same_table(
     # the signed digests' table too, by init and by Pulumi (clustering: none)
     digests = schema.digest_table_definition(30, {"team": "ml"})
     by_init_digests = definition_of(
-        bq_client.get_table(f"local.{DATASET}.{table_name}_init_digests")
+        bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_init_digests")
     )
     assert {**by_init_digests, "clustering": by_init_digests["clustering"] or []} == digests
     assert pulumi_table_definition(tables["inference_logs_digests"]) == digests
-    dataset = bq_client.get_dataset(f"local.{DATASET}")
+    dataset = bq_client.get_dataset(f"{bq_client.project}.{DATASET}")
     assert dataset.location == "US"
     assert dataset.description == schema.DATASET_DESCRIPTION
 
@@ -97,12 +97,15 @@ def test_init_the_writer_and_pulumi_build_the_same_table(
     assert again.returncode == 0, again.stderr
     assert f"table local.{DATASET}.{table_name}_init: up to date" in again.stdout
     assert "created" not in again.stdout and "updated" not in again.stdout
-    assert definition_of(bq_client.get_table(f"local.{DATASET}.{table_name}_init")) == expected
+    assert (
+        definition_of(bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_init"))
+        == expected
+    )
 
 
 def make_seed_table(bq_client: Any, name: str, fields: list[Any] = SEED_SCHEMA) -> str:
-    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
-    full = f"local.{DATASET}.{name}"
+    bq_client.create_dataset(f"{bq_client.project}.{DATASET}", exists_ok=True)
+    full = f"{bq_client.project}.{DATASET}.{name}"
     bq_client.create_table(bigquery.Table(full, schema=fields))
     errors = bq_client.insert_rows_json(full, [
         {"timestamp": "2026-01-02T03:04:05+00:00", "input_text": "old question",
@@ -154,8 +157,10 @@ def test_the_writer_migrates_the_seed_table_on_first_start(bq_client, table_name
 
 def test_a_column_of_the_wrong_type_is_named(emulator, bq_client, table_name, tmp_path) -> None:
     fields = [*SEED_SCHEMA[:3], bigquery.SchemaField("user_id", "INT64"), SEED_SCHEMA[4]]
-    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
-    bq_client.create_table(bigquery.Table(f"local.{DATASET}.{table_name}", schema=fields))
+    bq_client.create_dataset(f"{bq_client.project}.{DATASET}", exists_ok=True)
+    bq_client.create_table(
+        bigquery.Table(f"{bq_client.project}.{DATASET}.{table_name}", schema=fields)
+    )
 
     proc = cli(emulator, "init", "--table", table_name)
     assert proc.returncode == 1
@@ -200,8 +205,8 @@ def test_views_answer_from_rows_written_by_the_handler(bq_client, table_name, re
     (first,) = read_rows("prompt_tokens = 10")
     copy = {k: v for k, v in first.items() if v is not None}
     copy = json.loads(json.dumps(copy, default=str))
-    assert bq_client.insert_rows_json(f"local.{DATASET}.{table_name}", [copy]) == []
-    base = f"local.{DATASET}.{table_name}"
+    assert bq_client.insert_rows_json(f"{bq_client.project}.{DATASET}.{table_name}", [copy]) == []
+    base = f"{bq_client.project}.{DATASET}.{table_name}"
 
     assert query(bq_client, f"SELECT COUNT(*) AS n FROM `{base}`")[0]["n"] == 6
     assert query(bq_client, f"SELECT COUNT(*) AS n FROM `{base}_dedup`")[0]["n"] == 5
@@ -229,13 +234,13 @@ def test_views_answer_from_rows_written_by_the_handler(bq_client, table_name, re
 def test_schema_sql_creates_the_same_table(emulator, bq_client, table_name) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "langchain_bq_audit", "schema", "--format", "sql",
-         "--project", "local", "--table", table_name],
+         "--project", bq_client.project, "--table", table_name],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    bq_client.create_dataset(f"local.{DATASET}", exists_ok=True)
+    bq_client.create_dataset(f"{bq_client.project}.{DATASET}", exists_ok=True)
     bq_client.query(proc.stdout, job_retry=None).result(timeout=60)
-    made = definition_of(bq_client.get_table(f"local.{DATASET}.{table_name}"))
+    made = definition_of(bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}"))
     expected = schema.table_definition()
     assert made["schema"] == expected["schema"]
     assert made["time_partitioning"]["field"] == "timestamp"

@@ -57,7 +57,8 @@ def one(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
 def findings(bq_client: Any, table: str) -> list[str]:
     """What the project's `verify` finds in the table (as `bq-audit verify` reads it)."""
     rows = run_query(
-        bq_client, f"SELECT * FROM `local.{DATASET}.{table}` WHERE chain_id IS NOT NULL"
+        bq_client,
+        f"SELECT * FROM `{bq_client.project}.{DATASET}.{table}` WHERE chain_id IS NOT NULL",
     )
     return [str(f) for f in verify(rows).findings]
 
@@ -185,7 +186,9 @@ def test_a_graph_paused_for_a_human_is_interrupted_not_failed(
     assert {(r["name"], r["status"], r["error_type"]) for r in resumed} == {
         ("LangGraph", "ok", None), ("ask_human", "ok", None)}  # fmt: skip
     assert one(resumed, name="ask_human")["output_text"] == "yes"
-    errors = query(bq_client, f"SELECT COUNT(*) AS n FROM `local.{DATASET}.{table_name}_errors`")
+    errors = query(
+        bq_client, f"SELECT COUNT(*) AS n FROM `{bq_client.project}.{DATASET}.{table_name}_errors`"
+    )
     assert errors == [{"n": 0}]  # the errors view stays empty
 
 
@@ -391,7 +394,7 @@ def test_numpy_and_decimal_values_stay_numbers(
         bq_client,
         "SELECT CAST(JSON_VALUE(metadata, '$.batch') AS INT64) AS batch, "
         "CAST(JSON_VALUE(output_messages[0].metadata.score) AS FLOAT64) AS score "
-        f"FROM `local.{DATASET}.{table_name}` WHERE run_type = 'retriever'",
+        f"FROM `{bq_client.project}.{DATASET}.{table_name}` WHERE run_type = 'retriever'",
     )
     assert cast == {"batch": 7, "score": 0.87}
     chain = one(rows, run_type="chain")

@@ -113,6 +113,6 @@ def test_runs_in_flight_at_exit_or_sigterm_leave_a_row(
     assert "in-flight" in child.stdout, child.stderr
     expected = -signal.SIGTERM if how == "sigterm" else 0
     assert child.returncode == expected, child.stderr
-    rows = query(bq_client, f"SELECT run_type, status FROM "
-                            f"`local.language_model_logging.{table_name}`")  # fmt: skip
+    table = f"{bq_client.project}.language_model_logging.{table_name}"
+    rows = query(bq_client, f"SELECT run_type, status FROM `{table}`")
     assert rows == [{"run_type": "chat_model", "status": "abandoned"}]

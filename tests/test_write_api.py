@@ -23,7 +23,9 @@ DATASET = "language_model_logging"
 
 
 def rows_of(bq_client: Any, table: str, view: str = "") -> list[dict[str, Any]]:
-    return query(bq_client, f"SELECT * FROM `local.{DATASET}.{table}{view}` ORDER BY seq")
+    return query(
+        bq_client, f"SELECT * FROM `{bq_client.project}.{DATASET}.{table}{view}` ORDER BY seq"
+    )
 
 
 def test_rows_written_through_the_write_api_equal_insert_all_rows(
@@ -104,7 +106,7 @@ def test_an_invalid_row_is_dead_lettered_and_its_neighbours_written(
     assert handler.flush(timeout=20) is False
     stats = handler.stats()
     assert (stats["written"], stats["dead_lettered"], stats["dropped"]) == (4, 1, 0)
-    users = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}`")
+    users = query(bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}`")
     assert sorted(r["user_id"] for r in users) == ["a", "b", "d", "e"]
     (dead,) = handler._writer.spool.dead_letters()
     (record,) = read_segment(dead).records
@@ -149,7 +151,9 @@ def test_write_api_outage_spools_then_replays_every_row(
     assert_accounted(stats)
     assert stats["replayed"] == stats["spooled"] >= 300 and stats["dropped"] == 0
     assert stats["written"] + stats["spooled"] == stats["accepted"] == 500
-    users = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}_dedup`")
+    users = query(
+        bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}_dedup`"
+    )
     assert sorted(int(r["user_id"]) for r in users) == list(range(500))
     handler.close()
 
@@ -174,7 +178,7 @@ def test_rows_spooled_by_insert_all_replay_through_the_write_api(
     try:
         from langchain_bq_audit.client import make_client
 
-        down = make_client(AuditSettings(emulator_host=dead.host_port, project="local"))
+        down = make_client(AuditSettings(emulator_host=dead.host_port, project=bq_client.project))
         first = BigQueryAuditHandler(client=down, table=table_name, spool_dir=str(tmp_path),
                                      request_timeout_s=0.5, batch_deadline_s=0.5)  # fmt: skip
         model = FakeListChatModel(responses=["later"])

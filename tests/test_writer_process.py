@@ -27,11 +27,15 @@ DATASET = "language_model_logging"
 
 
 def rows_of(bq_client: Any, table: str, view: str = "") -> list[dict[str, Any]]:
-    return query(bq_client, f"SELECT * FROM `local.{DATASET}.{table}{view}` ORDER BY seq")
+    return query(
+        bq_client, f"SELECT * FROM `{bq_client.project}.{DATASET}.{table}{view}` ORDER BY seq"
+    )
 
 
 def count(bq_client: Any, table: str, view: str = "") -> int:
-    return query(bq_client, f"SELECT COUNT(*) AS n FROM `local.{DATASET}.{table}{view}`")[0]["n"]
+    return query(
+        bq_client, f"SELECT COUNT(*) AS n FROM `{bq_client.project}.{DATASET}.{table}{view}`"
+    )[0]["n"]
 
 
 def process_handler(emulator: Any, table: str, **options: Any) -> BigQueryAuditHandler:
@@ -166,7 +170,7 @@ def test_objects_of_classes_from_main_are_rendered_as_in_process(
         _, err = child.communicate(timeout=120)
         assert child.returncode == 0, err
         assert "Traceback" not in err and "rows built in-process" not in err, err
-        rows = query(bq_client, f"SELECT input_text FROM `local.{DATASET}.{table}` "
+        rows = query(bq_client, f"SELECT input_text FROM `{bq_client.project}.{DATASET}.{table}` "
                                 "WHERE name = 'RunnableLambda'")  # fmt: skip
         inputs[process] = [r["input_text"] for r in rows]
         assert count(bq_client, table) == 31
@@ -213,7 +217,7 @@ def test_a_killed_writer_process_is_replaced_and_what_it_held_is_counted(
     assert stats["accepted"] == 100 and stats["queued"] == 0
     assert_accounted(stats)
     assert "writer process ended with code -9" in stats["last_error"]
-    users = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}`")
+    users = query(bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}`")
     expected = [f"first-{i}" for i in range(50)] + [f"after-{i}" for i in range(20)]
     assert sorted(r["user_id"] for r in users) == sorted(expected)
     handler.close()
@@ -250,7 +254,9 @@ def test_close_is_bounded_when_the_writer_process_hangs_and_nothing_is_lost(
     replayer = BigQueryAuditHandler(client=bq_client, table=table_name, spool_dir=str(spool))
     wait_for(lambda: replayer.stats()["spool_bytes"] == 0, 30, "the spool to be replayed")
     replayer.close()
-    users = query(bq_client, f"SELECT user_id FROM `local.{DATASET}.{table_name}_dedup`")
+    users = query(
+        bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}_dedup`"
+    )
     expected = [f"sent-{i}" for i in range(20)] + [f"late-{i}" for i in range(10)]
     assert sorted(r["user_id"] for r in users) == sorted(expected)
 
