@@ -13,7 +13,12 @@ cd "$root"
 .venv/bin/ruff check langchain_bq_audit tests scripts benchmarks
 .venv/bin/ruff format --check langchain_bq_audit tests scripts benchmarks
 .venv/bin/mypy langchain_bq_audit benchmarks
+# Plugins are named, not auto-loaded: pytest rewrites the asserts of every module of a
+# distribution that ships a plugin (langsmith's, which LangChain imports), and with
+# PYTHONDONTWRITEBYTECODE set it does so again in each process: about 5 CPU-s each.
+plugins="--disable-plugin-autoload -p hypothesispytest -p anyio"
+export BQ_AUDIT_PYTEST_PLUGINS="$plugins"
 # the unit layer on the other supported Pythons (3.13 runs it below, with everything else)
 "$root/scripts/unit.sh" 3.10 3.11 3.12
-exec .venv/bin/python -m pytest -n "${BQ_AUDIT_TEST_WORKERS:-4}" --dist worksteal \
-  --durations=30 "$@"
+exec .venv/bin/python -m pytest $plugins -p xdist -n "${BQ_AUDIT_TEST_WORKERS:-4}" \
+  --dist worksteal --durations=30 "$@"

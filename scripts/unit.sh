@@ -47,7 +47,8 @@ for v in "${versions[@]}"; do
     echo "$want" > "$stamp"
   fi
   echo "unit layer on Python $v:" >&2
-  "$venv/bin/python" -m pytest tests/unit -q -p no:cacheprovider
+  # shellcheck disable=SC2086  # BQ_AUDIT_PYTEST_PLUGINS: scripts/test.sh's plugin list
+  "$venv/bin/python" -m pytest ${BQ_AUDIT_PYTEST_PLUGINS:-} tests/unit -q -p no:cacheprovider
   ran=$((ran + 1))
 done
 if [ "$ran" -eq 0 ]; then

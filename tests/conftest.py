@@ -81,7 +81,9 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         assert_no_secret_left(external.client(), tmp_path_factory.getbasetemp())
         return
     bq = LocalBigQuery(tmp_path_factory.mktemp("local-bigquery"))
-    bq.start()
+    # a readiness wait, not a bound: workers start their emulators at once, maybe beside a
+    # busy neighbour
+    bq.start(timeout=300)
     try:
         yield bq
         # after the session's last test (with xdist: this worker's), over all it wrote

@@ -21,7 +21,7 @@ from .conftest import query
 
 def test_flush_returns_in_time_when_bigquery_is_gone(tmp_path) -> None:
     """Stop the emulator for real: the chain keeps working, flush keeps its timeout."""
-    bq = LocalBigQuery(tmp_path / "bq").start()
+    bq = LocalBigQuery(tmp_path / "bq").start(timeout=300)
     try:
         handler = BigQueryAuditHandler(
             client=bq.client(),
