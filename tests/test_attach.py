@@ -104,7 +104,7 @@ def test_enable_disable_and_a_run_seen_twice_is_one_row(bq_client, table_name, r
     langchain_bq_audit.disable()
     assert langchain_bq_audit.global_handler() is None
     chain("off").invoke({"question": "q3"})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert len(rows) == 8 and len({r["event_id"] for r in rows}) == 8
@@ -123,7 +123,7 @@ def test_global_and_explicit_handlers_for_different_tables_both_write(
     langchain_bq_audit.enable(client=bq_client, table=table_name, batch_age_s=0.05)
     explicit = BigQueryAuditHandler(client=bq_client, table=other, batch_age_s=0.05)
     chain().invoke({"question": "q"}, config={"callbacks": [explicit]})
-    assert langchain_bq_audit.flush(timeout=20)
+    assert langchain_bq_audit.flush(timeout=60)
     assert len(read_rows()) == 4
     rows = query(
         bq_client, f"SELECT run_id FROM `{bq_client.project}.language_model_logging.{other}`"
@@ -160,7 +160,7 @@ def test_audit_context_follows_threads_with_a_copied_context_and_asyncio_tasks(
         bare.join()
         asyncio.run(tasks())
     call("after")
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = {r["input_text"].removeprefix("user: "): r for r in read_rows()}
     expect = {
@@ -193,7 +193,7 @@ def test_ten_thousand_handlers_for_one_table_share_one_writer(
     model = FakeListChatModel(responses=["x"])
     for i, h in enumerate(handlers[::1000]):
         model.invoke(str(i), config={"callbacks": [h]})
-    assert handlers[0].flush(timeout=20)
+    assert handlers[0].flush(timeout=60)
     assert len(read_rows()) == 10
 
 
@@ -307,7 +307,7 @@ def test_several_loops_threads_with_their_own_loops_and_sync_calling_async(
         return str(model.invoke("in-loop", config={"callbacks": [handler]}).content)
 
     assert asyncio.run(sync_inside_a_loop()) == "x"
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows("run_type = 'chat_model'")
     expected = [f"run-{i}" for i in range(3)] + [f"thread-{i}" for i in range(4)]
@@ -360,7 +360,7 @@ def test_langgraph_agent_with_a_tool_and_a_checkpointer(make_handler, read_rows)
     second = app.invoke({"messages": [HumanMessage("Thanks")]}, config=config)
     assert second["messages"][-1].content == "bye"
     assert len(second["messages"]) == 6  # the checkpointer kept the first turn
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert {r["session_id"] for r in rows} == {"thread-42"}

@@ -44,7 +44,7 @@ def write_rows(handler: BigQueryAuditHandler) -> None:
         RunnableLambda(lambda _: (_ for _ in ()).throw(ValueError("nope"))).invoke(
             "bad", config={"callbacks": [handler], "metadata": {"session_id": "s-b"}}
         )
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -108,7 +108,7 @@ def test_tail_follow_prints_new_rows_as_they_arrive(emulator, make_handler, tabl
         GenericFakeChatModel(messages=iter([AIMessage("late answer")])).invoke(
             "late question", config={"callbacks": [handler]}
         )
-        assert handler.flush(timeout=20)
+        assert handler.flush(timeout=60)
         assert "'user: late question' -> 'late answer'" in lines.get(timeout=30)
     finally:
         proc.terminate()
@@ -128,9 +128,9 @@ def test_tail_follow_shows_a_row_written_after_rows_that_ended_later(
         model = GenericFakeChatModel
         model(messages=iter([AIMessage("ended first")])).invoke("a", config={"callbacks": [slow]})
         model(messages=iter([AIMessage("ended second")])).invoke("b", config={"callbacks": [fast]})
-        assert fast.flush(timeout=20)
+        assert fast.flush(timeout=60)
         assert "'user: b' -> 'ended second'" in lines.get(timeout=30)
-        assert slow.flush(timeout=20)  # written now, with an end time before the newest shown
+        assert slow.flush(timeout=60)  # written now, with an end time before the newest shown
         assert "'user: a' -> 'ended first'" in lines.get(timeout=30)
     finally:
         proc.terminate()

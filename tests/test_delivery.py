@@ -269,7 +269,7 @@ def test_a_permanently_invalid_row_is_dead_lettered_and_its_batch_written(
     for user in ["a", "b", None, "d", "e"]:
         meta = {"user_id": user} if user else {}
         model.invoke("q", config={"callbacks": [handler], "metadata": meta})
-    assert handler.flush(timeout=20) is False  # not everything was written...
+    assert handler.flush(timeout=60) is False  # not everything was written...
     stats = handler.stats()
     assert_accounted(stats)
     assert (stats["written"], stats["dead_lettered"], stats["dropped"]) == (4, 1, 0)

@@ -49,7 +49,7 @@ def test_invoke_writes_one_row_per_run_with_values(make_handler, read_rows) -> N
     }
 
     assert chain.invoke({"question": "Capital of France?"}, config=config) == "Paris."
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert sorted(r["run_type"] for r in rows) == ["chain", "chain", "chain", "chat_model"]
@@ -90,7 +90,7 @@ def test_batch_gives_one_trace_per_input(make_handler, read_rows) -> None:
 
     outputs = chain.batch([{"question": q} for q in questions], config={"callbacks": [handler]})
     assert outputs == questions  # the parrot repeats the last message
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     roots = read_rows("parent_run_id IS NULL")
     assert sorted(r["input_text"] for r in roots) == questions
@@ -108,7 +108,7 @@ def test_stream_records_the_whole_answer_and_first_token(make_handler, read_rows
     chunks = list(chain.stream({"question": "go"}, config={"callbacks": [handler]}))
     assert "".join(chunks) == "streamed answer"
     assert len(chunks) > 1
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     (model_row,) = read_rows("run_type = 'chat_model'")
     assert model_row["output_text"] == "streamed answer"
@@ -134,7 +134,7 @@ def test_failing_call_gives_error_rows_and_the_app_sees_its_own_error(
     chain = PROMPT | RunnableLambda(broken)
     with pytest.raises(ProviderDown, match="503 from the provider"):
         chain.invoke({"question": "hello?"}, config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows("status = 'error'")
     assert sorted(r["name"] for r in rows) == ["RunnableSequence", "broken"]
@@ -155,7 +155,7 @@ def test_nested_chains_link_parent_and_trace_ids(make_handler, read_rows) -> Non
 
     outer = RunnableLambda(lambda x: x.upper()) | RunnableLambda(middle)
     assert outer.invoke("deep", config={"callbacks": [handler]}) == "DEEP"
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     by_id = {r["run_id"]: r for r in rows}
@@ -221,7 +221,7 @@ def test_plain_llm_rows_and_handler_defaults(make_handler, read_rows) -> None:
         )
         == "forty-two"
     )
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     first, second = read_rows()
     assert first["run_type"] == "llm"
@@ -240,7 +240,7 @@ def test_plain_llm_rows_and_handler_defaults(make_handler, read_rows) -> None:
 def test_table_is_created_partitioned_and_clustered(make_handler, bq_client, table_name) -> None:
     handler = make_handler()
     FakeListLLM(responses=["x"]).invoke("y", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     table = bq_client.get_table(f"{bq_client.project}.language_model_logging.{table_name}")
     assert [f.name for f in table.schema] == [c.name for c in schema.COLUMNS]
@@ -264,7 +264,7 @@ def test_strange_metadata_never_breaks_the_chain(make_handler, read_rows) -> Non
 
     reply = model.invoke("x", config={"callbacks": [handler], "metadata": cyclic})
     assert reply.content == "fine"
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     (row,) = read_rows()
     assert row["output_text"] == "fine"

@@ -58,7 +58,7 @@ def test_tool_rows(make_handler, read_rows) -> None:
     assert add.invoke({"a": 2, "b": 3}, config={"callbacks": [handler]}) == 5
     with pytest.raises(RuntimeError):
         explode.invoke({"text": "boom"}, config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     ok = one(rows, name="add")
@@ -89,7 +89,7 @@ def test_retriever_rows_keep_ids_and_metadata(make_handler, read_rows, capture: 
     handler = make_handler(capture_documents=capture)
     chain = Shelf() | RunnableLambda(lambda docs: len(docs))
     assert chain.invoke("where is it?", config={"callbacks": [handler]}) == 2
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     row = one(read_rows(), run_type="retriever")
     assert row["name"] == "Shelf"
@@ -118,7 +118,7 @@ def test_chat_input_as_lines_and_media_as_placeholders(make_handler, read_rows) 
         ),
     ]  # fmt: skip
     assert model.invoke(messages, config={"callbacks": [handler]}).content == "a cat"
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     (row,) = read_rows()
     # LangChain hands chat models (and callbacks) standard blocks in OpenAI's image_url form
@@ -159,7 +159,7 @@ def test_tool_calls_requested_by_the_model(make_handler, read_rows) -> None:
         ],
     )
     GenericFakeChatModel(messages=iter([reply])).invoke("sum", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     (row,) = read_rows()
     assert row["tool_calls"] == [
@@ -222,7 +222,7 @@ def test_token_usage_from_every_provider_shape(make_handler, read_rows, case: st
     model, expected = USAGE_CASES[case]
     handler = make_handler()
     model.invoke("count me", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     (row,) = read_rows()
     got = tuple(
@@ -248,7 +248,7 @@ def test_streamed_usage_on_the_last_chunk_is_counted_once(make_handler, read_row
     assert "".join(str(c.content) for c in model.stream("x", config={"callbacks": [handler]})) == (
         "Hello!"
     )
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     (row,) = read_rows()
     assert row["output_text"] == "Hello!"
@@ -262,7 +262,7 @@ def test_model_params_provider_and_secrets(make_handler, read_rows) -> None:
     ScriptedChatModel(message=AIMessage(content="ok"), temperature=0.3).invoke(
         "x", config={"callbacks": [handler]}
     )
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     (row,) = read_rows()
     assert row["model_name"] == "scripted-1"  # from invocation params
@@ -292,7 +292,7 @@ def test_session_and_user_precedence(make_handler, read_rows, metadata, session,
         responses=["r"]
     )
     chain.invoke({"q": "x"}, config={"callbacks": [handler], "metadata": metadata})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert len(rows) == 3
@@ -324,7 +324,7 @@ def test_cancelled_astream_gives_cancelled_rows(make_handler, read_rows) -> None
 
     partial = asyncio.run(main())
     assert 0 < len(partial) < len("a rather long answer that streams slowly")
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert {r["status"] for r in rows if r["name"] != "ChatPromptTemplate"} == {"cancelled"}
@@ -348,7 +348,7 @@ def test_runs_without_an_end_are_swept_as_abandoned(make_handler, read_rows) -> 
     deadline = time.monotonic() + 10
     while handler.stats()["abandoned"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     (row,) = read_rows()
     assert row["status"] == "abandoned"
     assert row["input_text"] == "stuck"
@@ -356,7 +356,7 @@ def test_runs_without_an_end_are_swept_as_abandoned(make_handler, read_rows) -> 
 
     release.set()
     worker.join()
-    assert handler.flush(timeout=20)  # anything the late end had submitted is written now
+    assert handler.flush(timeout=60)  # anything the late end had submitted is written now
     stats = handler.stats()
     assert stats["unmatched_ends"] == 1  # the late end is counted, not written twice
     assert stats["accepted"] == stats["written"] == 1
@@ -378,7 +378,7 @@ def test_out_of_order_callbacks_are_counted_not_raised(make_handler, read_rows) 
     assert stats["pending_runs"] == 3
     assert stats["untracked_runs"] == 2
     assert stats["callback_errors"] == 0
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     (row,) = read_rows()
     assert row["output_text"] == '{"a":1}'
 

@@ -78,7 +78,7 @@ def test_redacted_mode_keeps_personal_data_and_secrets_out_of_every_column(
 ) -> None:
     handler = make_handler(capture_mode="redacted", redactors=[codename])
     run_leaky_chain(handler)
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     assert len(rows) == 4
     dump = json.dumps(rows, default=str)
@@ -101,7 +101,7 @@ def test_redacted_mode_keeps_personal_data_and_secrets_out_of_every_column(
 def test_full_mode_keeps_text_but_never_credentials(make_handler, read_rows) -> None:
     handler = make_handler()
     run_leaky_chain(handler)
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     dump = json.dumps(read_rows(), default=str)
     assert PII["email"] in dump and "Project Falcon" in dump  # full: the text as it came
     for name in ("api_key", "bearer", "aws", "pem"):
@@ -125,7 +125,7 @@ def test_credentials_after_a_line_break_are_removed_from_json_rendered_columns(
                AIMessage("noted\n" + PII["email"] + "\n" + PII["phone"])]  # fmt: skip
     handler = make_handler(capture_mode=mode)
     run_history_chain(handler, history)
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     assert len(rows) == 4
     dump = json.dumps(rows, default=str)
@@ -147,7 +147,7 @@ def test_a_credential_across_the_length_limit_is_removed_whole(make_handler, rea
     handler = make_handler(max_field_chars=300)
     text = "x" * 281 + " " + PII["api_key"]  # "user: " + text: the cut keeps "sk-proj-0123"
     FakeListChatModel(responses=["ok"]).invoke(text, config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     (row,) = read_rows()
     assert row["is_truncated"] is True
     assert row["input_text"].startswith("user: " + "x" * 281)
@@ -187,7 +187,7 @@ def test_metadata_mode_keeps_hashes_sizes_tokens_and_no_text(make_handler, read_
 
     handler = make_handler(capture_mode="metadata")
     model().invoke("the question", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     (row,) = read_rows()
     assert (row["input_text"], row["output_text"]) == ("", "")
     assert row["input_sha256"] == hashlib.sha256(b"user: the question").hexdigest()
@@ -245,7 +245,7 @@ def test_verify_names_deleted_and_edited_rows_by_chain_and_seq(
     chain = PROMPT | FakeListChatModel(responses=["a"])  # three rows a call
     for i in range(4):
         chain.invoke({"question": f"q{i}"}, config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     (chain_id,) = {r["chain_id"] for r in rows}
     assert sorted(r["seq"] for r in rows) == list(range(1, 13))
@@ -316,7 +316,7 @@ def test_verify_reports_two_different_rows_under_one_seq_as_conflicting_copies(
     handler = make_handler()
     for i in range(3):
         FakeListChatModel(responses=["a"]).invoke(f"q{i}", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     (chain_id,) = {r["chain_id"] for r in rows}
     second = next(r for r in rows if r["seq"] == 2)
@@ -336,7 +336,7 @@ def test_rewriting_a_hash_breaks_the_next_link(make_handler, read_rows) -> None:
     handler = make_handler()
     for i in range(3):
         FakeListChatModel(responses=["a"]).invoke(f"q{i}", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     assert verify(rows).ok
     forged = next(r for r in rows if r["seq"] == 2)

@@ -72,7 +72,7 @@ def test_init_the_writer_and_pulumi_build_the_same_table(
     handler = BigQueryAuditHandler(client=bq_client, table=f"{table_name}_writer",
                                    retention_days=30, labels="team=ml")  # fmt: skip
     FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     by_writer = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_writer")
 
     declare(lambda: AuditLogInfra("audit", retention_days=30, labels={"team": "ml"}))
@@ -144,7 +144,7 @@ def test_the_writer_migrates_the_seed_table_on_first_start(bq_client, table_name
     handler = BigQueryAuditHandler(client=bq_client, table=table_name, batch_age_s=0.05)
     FakeListChatModel(responses=["new answer"]).invoke("new question",
                                                        config={"callbacks": [handler]})  # fmt: skip
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     rows = query(bq_client, f"SELECT input_text, output_text, run_type FROM `{full}` "
                             "ORDER BY timestamp")  # fmt: skip
     assert rows == [
@@ -171,7 +171,7 @@ def test_a_column_of_the_wrong_type_is_named(emulator, bq_client, table_name, tm
     handler = BigQueryAuditHandler(client=bq_client, table=table_name, batch_age_s=0.05,
                                    batch_deadline_s=0.5, spool_dir=str(tmp_path))  # fmt: skip
     FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20) is False
+    assert handler.flush(timeout=60) is False
     stats = handler.stats()
     assert stats["spooled"] == 1 and stats["dropped"] == 0
     assert "user_id is INT64, expected STRING" in stats["last_error"]
@@ -200,7 +200,7 @@ def test_views_answer_from_rows_written_by_the_handler(bq_client, table_name, re
             "boom",
             config={"callbacks": [handler], "metadata": {"session_id": "s-2", "user_id": "bob"}},
         )
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     # a replayed copy of one row (same event id, as after a retry): views must not count it
     (first,) = read_rows("prompt_tokens = 10")
     copy = {k: v for k, v in first.items() if v is not None}

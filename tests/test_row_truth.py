@@ -108,7 +108,7 @@ def test_a_handled_tool_error_is_an_error_row(make_handler, read_rows) -> None:
     bad = refund.invoke(call("refund", {"amount": "lots"}), config=config)
     assert bad.status == "error" and bad.content == "amount must be a whole number"
     assert refund.invoke(call("refund", {"amount": 5}), config=config).status == "success"
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     found = one(rows, name="find_order")
@@ -136,7 +136,7 @@ def test_a_tool_node_whose_calls_all_failed_is_an_error_row(make_handler, read_r
     asked = AIMessage("", tool_calls=[{"name": "lookup", "args": {"order": "A-1"}, "id": "c1"}])
     out = graph.compile().invoke({"messages": [asked]}, config={"callbacks": [handler]})
     assert out["messages"][-1].status == "error"
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     message = "Error: ValueError('no order A-1')\n Please fix your mistakes."
@@ -171,7 +171,7 @@ def test_a_graph_paused_for_a_human_is_interrupted_not_failed(
 
     paused = app.invoke({"question": "refund?"}, config=config)
     assert paused["__interrupt__"][0].value == {"question": "Approve refund?"}
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     first = read_rows()
     assert {(r["name"], r["status"]) for r in first} == {
         ("LangGraph", "interrupted"), ("ask_human", "interrupted")}  # fmt: skip
@@ -181,7 +181,7 @@ def test_a_graph_paused_for_a_human_is_interrupted_not_failed(
         assert row["session_id"] == "ticket-9"
 
     assert app.invoke(Command(resume="yes"), config=config)["answer"] == "yes"
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     resumed = [r for r in read_rows() if r["event_id"] not in {f["event_id"] for f in first}]
     assert {(r["name"], r["status"], r["error_type"]) for r in resumed} == {
         ("LangGraph", "ok", None), ("ask_human", "ok", None)}  # fmt: skip
@@ -216,7 +216,7 @@ def test_four_threads_reusing_one_run_id_give_four_rows(make_handler, read_rows)
         t.start()
     for t in threads:
         t.join()
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     roots = [r for r in rows if r["parent_run_id"] is None]
@@ -238,7 +238,7 @@ def test_a_fixed_run_id_used_again_is_written_again(
     model = FakeListChatModel(responses=["one", "two"])
     for _ in range(2):
         model.invoke("hi", config={"callbacks": [handler], "run_id": uuid.UUID(int=7)})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert [r["output_text"] for r in rows] == ["one", "two"]
@@ -266,7 +266,7 @@ def test_message_history_session_id_from_configurable(make_handler, read_rows) -
     chat.invoke({"q": "hi"}, config=config)
     chat.invoke({"q": "hi again"}, config=config)
     assert len(histories["foo"].messages) == 4
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert len(rows) >= 16
@@ -330,7 +330,7 @@ def test_graph_thread_and_user_from_configurable_reach_every_row(make_handler, r
     config: Any = {"callbacks": [handler], "configurable": {"thread_id": "t-42", "user_id": 7}}
     with audit_context(session_id="block", user_id="block-user"):
         app.invoke({"messages": [("human", "hello")]}, config=config)
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert {r["run_type"] for r in rows} == {"chain", "chat_model"}
@@ -349,7 +349,7 @@ def test_configurable_precedence_and_a_plain_chain(make_handler, read_rows) -> N
         chain.invoke({"q": "y"}, config={"callbacks": [handler], "configurable": configurable,
                                          "metadata": {"case": "metadata",
                                                       "session_id": "meta"}})  # fmt: skip
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     by_case = {(r["metadata"]["case"], r["name"]): (r["session_id"], r["user_id"]) for r in rows}
@@ -382,7 +382,7 @@ def test_numpy_and_decimal_values_stay_numbers(
         {"exact": decimal.Decimal("0.1000000000000000000001"), "grid": np.eye(2, dtype=int)},
         config={"callbacks": [handler]},
     )
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     retriever = one(rows, run_type="retriever")
@@ -414,7 +414,7 @@ def test_usage_reported_as_zero_stays_zero(make_handler, read_rows) -> None:
     ScriptedChatModel(message=AIMessage("", usage_metadata=usage)).invoke(
         "x", config={"callbacks": [handler]}
     )  # fmt: skip
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     (row,) = read_rows()
     counts = ("prompt_tokens", "completion_tokens", "total_tokens", "cache_read_tokens",
               "reasoning_tokens")  # fmt: skip
@@ -429,7 +429,7 @@ def test_ids_given_as_ints_become_text_once(make_handler, read_rows, key) -> Non
     with audit_context(user_id=12345):
         model.invoke("x", config={"callbacks": [handler]})
     model.invoke("y", config={"callbacks": [handler], "metadata": {"user_id": np.int64(12345)}})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     expected = "12345" if key is None else hmac.new(
         b"audit-key", b"12345", hashlib.sha256).hexdigest()  # fmt: skip
@@ -451,7 +451,7 @@ def test_an_image_template_variable_is_a_placeholder_in_every_row(make_handler, 
     (prompt | FakeListChatModel(responses=["a chart"])).invoke(
         {"img": IMG}, config={"callbacks": [handler]}
     )
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert len(rows) == 3 and not any(IMG[100:160] in str(r) for r in rows)
@@ -485,7 +485,7 @@ def test_media_in_tool_documents_and_metadata_and_long_text_in_other_parts(
         {"type": "tool_use", "id": "t1", "name": "search", "input": {"query": thinking}},
     ])  # fmt: skip
     ScriptedChatModel(message=answer).invoke("policy?", config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     tool_row = one(rows, run_type="tool")
@@ -508,7 +508,7 @@ def test_empty_messages_and_int_user_verify_clean(emulator, make_handler, table_
     FakeListChatModel(responses=["nothing"]).invoke([], config={"callbacks": [handler]})
     with audit_context(user_id=12345, metadata={"empty": {}, "none": [], "nan": math.nan}):
         RunnableLambda(lambda d: d).invoke({}, config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     done = verify_cli(emulator, table_name)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 rows, ok" in done.stdout and "0 finding(s)" in done.stdout

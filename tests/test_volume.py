@@ -64,7 +64,7 @@ def graph() -> Any:
 
 
 def rows_of(handler: Any, read_rows: Any) -> list[dict[str, Any]]:
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
     stats = handler.stats()
     assert stats["unmatched_ends"] == stats["callback_errors"] == stats["pending_runs"] == 0
     return list(read_rows())

@@ -103,7 +103,7 @@ def test_an_invalid_row_is_dead_lettered_and_its_neighbours_written(
     for user in ["a", "b", None, "d", "e"]:
         meta = {"user_id": user} if user else {}
         model.invoke("q", config={"callbacks": [handler], "metadata": meta})
-    assert handler.flush(timeout=20) is False
+    assert handler.flush(timeout=60) is False
     stats = handler.stats()
     assert (stats["written"], stats["dead_lettered"], stats["dropped"]) == (4, 1, 0)
     users = query(bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}`")
