@@ -188,7 +188,7 @@ def test_errors_a_new_user_meets_are_one_line_with_a_hint(
     no_credentials = one_clear_line(bq_audit("tail", env=clean))
     assert "no Google Cloud credentials" in no_credentials and "bq-audit emulator" in no_credentials
 
-    bq_client.create_dataset("local.language_model_logging", exists_ok=True)
+    bq_client.create_dataset(f"{bq_client.project}.language_model_logging", exists_ok=True)
     missing = one_clear_line(bq_audit("tail", "--endpoint", emulator.host_port,
                                       "--table", "no_such_table"))  # fmt: skip
     assert "no_such_table" in missing and "bq-audit init" in missing
@@ -201,7 +201,7 @@ def test_trace_prints_the_run_tree_of_one_trace(emulator, bq_client, make_handle
                                                 table_name) -> None:  # fmt: skip
     run_traced_chain(make_handler())
     where = ("--endpoint", emulator.host_port, "--table", table_name)
-    full = f"local.language_model_logging.{table_name}"
+    full = f"{bq_client.project}.language_model_logging.{table_name}"
     # a retry or replay writes rows twice: the trace shows each run once
     query(bq_client, f"INSERT INTO `{full}` SELECT * FROM `{full}` WHERE trace_id = @t", t=TRACE)
 
@@ -253,7 +253,7 @@ def test_sessions_lists_the_latest_sessions_with_their_totals(
 ) -> None:
     write_rows(make_handler())
     where = ("--endpoint", emulator.host_port, "--table", table_name)
-    full = f"local.language_model_logging.{table_name}"
+    full = f"{bq_client.project}.language_model_logging.{table_name}"
     query(bq_client, f"INSERT INTO `{full}` SELECT * FROM `{full}`")  # every row twice
 
     proc = bq_audit("sessions", *where)
