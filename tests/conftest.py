@@ -271,4 +271,4 @@ def run_traced_chain(handler: BigQueryAuditHandler) -> None:
     for topic, run_id in (("cats", UUID(TRACE)), ("dogs", None)):
         (chain | shout).invoke({"topic": topic}, config={
             "callbacks": [handler], "metadata": meta, "run_id": run_id})  # fmt: skip
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)

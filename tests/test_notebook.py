@@ -119,7 +119,7 @@ def test_trace_timeline_and_usage_plots_show_what_the_table_holds(
     model = GenericFakeChatModel(messages=iter([AIMessage("a", usage_metadata=u) for u in usage]))
     for question in ("q1", "q2"):
         model.invoke(question, config={"callbacks": [handler]})
-    assert handler.flush(timeout=20)
+    assert handler.flush(timeout=60)
 
     trace = nb.trace(TRACE)
     assert list(zip(trace.depth, trace.name, strict=True)) == [

@@ -198,7 +198,7 @@ def test_the_otel_view_speaks_the_genai_semantic_conventions(
         with pytest.raises(RuntimeError):
             broken.invoke({"city": "Nowhere"}, config={"callbacks": [handler]})
     assert handler.flush(timeout=30)
-    view = f"`local.{DATASET}.{table_name}_otel`"
+    view = f"`{bq_client.project}.{DATASET}.{table_name}_otel`"
     names = otel_names
     rows = query(bq_client, f"""
         SELECT trace_id, span_id, run_type,
@@ -219,7 +219,7 @@ def test_the_otel_view_speaks_the_genai_semantic_conventions(
          None, None, None, "broken", "RuntimeError"),
     ]  # fmt: skip
     # the view's columns are the conventions' names, as paths of nested columns
-    table = bq_client.get_table(f"local.{DATASET}.{table_name}_otel")
+    table = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_otel")
 
     def paths(fields: Any, prefix: str = "") -> list[str]:
         out = []
@@ -295,7 +295,7 @@ def test_which_node_spent_the_tokens(make_handler, read_rows, bq_client, table_n
                                                   config={"callbacks": [handler]})  # fmt: skip
     assert handler.flush(timeout=30)
     rows = read_rows()
-    base = f"local.{DATASET}.{table_name}"
+    base = f"{bq_client.project}.{DATASET}.{table_name}"
 
     # the answer to "which agent spent the tokens" is one GROUP BY on the new columns
     spent = query(bq_client, f"""

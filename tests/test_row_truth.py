@@ -303,7 +303,7 @@ def test_history_factory_config_keys_of_your_own_name_session_and_user(
                        "metadata": {"case": case}}  # fmt: skip
         chat.invoke({"q": "hi"}, config=config)
     assert len(histories[("c-9", "41")].messages) == 4
-    assert named.flush(timeout=20) and plain.flush(timeout=20)
+    assert named.flush(timeout=60) and plain.flush(timeout=60)
 
     rows = read_rows()
     assert len(rows) >= 16  # eight runs a call
