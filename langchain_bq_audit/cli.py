@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,8 @@ from typing import Any
 
 from . import schema
 from .emulator import EmulatorError, LocalBigQuery
+
+MAX_SESSIONS = 100_000  # `sessions --limit`: a screenful to an export, within INT64
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -315,9 +318,9 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     from .reading import recent_sessions
     from .traces import session_lines
 
-    if args.limit < 1:
-        print(f"bq-audit: --limit wants a number of sessions, 1 or more, got {args.limit}",
-              file=sys.stderr)  # fmt: skip
+    if not 1 <= args.limit <= MAX_SESSIONS:
+        print(f"bq-audit: --limit wants a number of sessions from 1 to {MAX_SESSIONS:,}, "
+              f"got {args.limit}", file=sys.stderr)  # fmt: skip
         return 2
     since = None
     if args.since:
@@ -688,12 +691,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): not a BigQuery fault; quiet, like other tools
+        _silence_stdout()
+        return 141
     except Exception as exc:
         line = explain(exc)
         if line is None:
             raise
         print(f"bq-audit: {line}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

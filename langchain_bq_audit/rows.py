@@ -429,17 +429,26 @@ def render(value: Any) -> str:
 # -- token usage ------------------------------------------------------------------------------
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
 def _int(value: Any) -> int | None:
+    """An INT64 column's value: an int (or a whole float, a numpy integer) BigQuery can hold,
+    else None, so one absurd count never costs the row (insertAll refuses the whole row)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) else None
-    try:
-        return operator.index(value)  # numpy integers
-    except TypeError:
-        return None
+        number = int(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        number = int(value)
+    else:
+        try:
+            number = operator.index(value)  # numpy integers
+        except TypeError:
+            return None
+    return number if number in _INT64 else None
 
 
 def _present(*values: Any) -> Any:
@@ -491,9 +500,11 @@ def _usage_from_mapping(usage: Mapping[str, Any]) -> dict[str, int | None] | Non
         _int(_get(usage, "input_token_details", "cache_creation")), anthropic_write
     )
     if prompt is not None and ("cache_read_input_tokens" in usage or anthropic_write is not None):
-        prompt += (_int(usage.get("cache_read_input_tokens")) or 0) + (anthropic_write or 0)
+        prompt = _int(
+            prompt + (_int(usage.get("cache_read_input_tokens")) or 0) + (anthropic_write or 0)
+        )
     if total is None and prompt is not None and completion is not None:
-        total = prompt + completion
+        total = _int(prompt + completion)
     reasoning = _int(
         _present(
             _get(usage, "output_token_details", "reasoning"),

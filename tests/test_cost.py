@@ -148,3 +148,22 @@ def test_init_gives_a_table_from_before_cost_the_cost_columns_and_keeps_its_rows
     (old,) = [r for r in rows if r["event_id"] == "old-1"]
     assert (old["input_text"], old["total_tokens"], old["cost_usd"]) == ("old question", 7, None)
     assert sum(r["cost_usd"] is not None for r in rows) == 4  # new rows carry their cost
+
+
+def test_a_count_beyond_int64_leaves_the_row_with_that_count_null(make_handler, read_rows) -> None:
+    """insertAll refuses a whole row over one INT64 overflow: the count goes NULL, the call's
+    text, its other counts and its neighbours are written."""
+    handler = make_handler()
+    usage = {"input_tokens": 10**19, "output_tokens": 4, "total_tokens": 10**19 + 4}
+    model = ProviderChatModel.answer("openai", "gpt-4o", "still here", usage)
+    model.invoke("hi", config={"callbacks": [handler]})
+    small = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    next_model = ProviderChatModel.answer("openai", "gpt-4o", "next", small)
+    next_model.invoke("again", config={"callbacks": [handler]})
+    assert handler.flush(timeout=60)
+    rows = read_rows()
+    got = [(r["output_text"], r["prompt_tokens"], r["completion_tokens"], r["cost_usd"] is None)
+           for r in rows]  # fmt: skip
+    assert got == [("still here", None, 4, True), ("next", 1, 1, False)]
+    stats = handler.stats()
+    assert (stats["accepted"], stats["written"], stats["dead_lettered"]) == (2, 2, 0)

@@ -142,6 +142,22 @@ def test_session_and_user_precedence_and_ids_as_text() -> None:
     assert ident_text(np.int64(9)) == "9" and ident_text(uuid.UUID(int=1)) == str(uuid.UUID(int=1))
 
 
+def test_a_count_beyond_int64_is_null_and_the_rest_kept() -> None:
+    usage = {"input_tokens": 10**19, "output_tokens": 7, "total_tokens": 10**19 + 7}
+    result = LLMResult(generations=[[ChatGeneration(message=AIMessage("", usage_metadata=usage))]])
+    counts, _ = token_usage(result, streamed=False)
+    assert counts is not None
+    assert (counts["prompt_tokens"], counts["completion_tokens"], counts["total_tokens"]) == (
+        None,
+        7,
+        None,
+    )
+    anthropic = {"input_tokens": 2**63 - 1, "output_tokens": 1, "cache_read_input_tokens": 5}
+    meta = AIMessage("", response_metadata={"usage": anthropic})
+    counts, _ = token_usage(LLMResult(generations=[[ChatGeneration(message=meta)]]), False)
+    assert counts is not None and counts["prompt_tokens"] is None and counts["total_tokens"] is None
+
+
 def test_usage_zeros_are_counts() -> None:
     usage = {
         "input_tokens": 0,
