@@ -664,7 +664,7 @@ def resolve_session_user(
     same keys of the run's `configurable` (`configured`, as `context.configured_identity`
     found them); then the default (`audit_context`, else the handler's);
     user: metadata `user_id`, `user`; then `configurable`'s; then the default.
-    `session_keys` / `user_keys` replace those key lists (`AuditSettings`).
+    `session_keys` / `user_keys` are the lists to use (`AuditSettings`: yours, then these).
     """
     session = user = None
     if metadata:

@@ -109,11 +109,12 @@ class AuditSettings:
     the rate (1 on failed runs): `SUM(1 / sample_rate)` estimates the unsampled count."""
 
     # -- who: where session and user are named (README "What a row holds") ---------------
-    session_keys: tuple[str, ...] = SESSION_KEYS
-    """Keys naming a run's session, first present wins, looked up in its metadata and then in
-    its config's `configurable`: add yours, e.g. a `history_factory_config` field id."""
-    user_keys: tuple[str, ...] = USER_KEYS
-    """The same for the user."""
+    session_keys: tuple[str, ...] = ()
+    """Your keys naming a run's session (e.g. a `history_factory_config` field id), looked up
+    before the built-in `session_id`, `thread_id`, `conversation_id`, which still apply; first
+    present wins, in the run's metadata and then in its config's `configurable`."""
+    user_keys: tuple[str, ...] = ()
+    """The same for the user, before `user_id`, `user`."""
 
     capture_mode: str = "full"
     """full (text as it came, credentials removed), redacted (also e-mails, phones, cards
@@ -190,11 +191,17 @@ class AuditSettings:
     def _check_volume(self) -> None:
         for name in ("run_types", "skip_names", "session_keys", "user_keys"):  # "a,b" too
             value = getattr(self, name)
+            if not isinstance(value, (str, tuple, list)):
+                raise ValueError(f"{name} must be names, as a list or 'a,b', got {value!r}")
             items = value.split(",") if isinstance(value, str) else value
             object.__setattr__(self, name, tuple(str(v).strip() for v in items if str(v).strip()))
-        for name in ("session_keys", "user_keys"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must name at least one key")
+        for name, builtin in (("session_keys", SESSION_KEYS), ("user_keys", USER_KEYS)):
+            keys = getattr(self, name)
+            if any(not key.isidentifier() and not key.replace("-", "_").isidentifier()
+                   for key in keys):  # fmt: skip
+                raise ValueError(f"{name}: keys are names like chat_id, got {keys!r}")
+            # yours first, then the built-in ones (each once): adding a key never loses them
+            object.__setattr__(self, name, tuple(dict.fromkeys((*keys, *builtin))))
         unknown = sorted(set(self.run_types) - set(RUN_TYPES))
         if unknown:
             raise ValueError(

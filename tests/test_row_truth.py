@@ -295,7 +295,7 @@ def test_history_factory_config_keys_of_your_own_name_session_and_user(
         history_messages_key="history",
         history_factory_config=fields,
     )
-    named = make_handler(session_keys="chat_id,session_id", user_keys=("member",))
+    named = make_handler(session_keys="chat_id", user_keys=("member",))
     plain = make_handler()
     configurable = {"chat_id": "c-9", "member": 41}
     for handler, case in ((named, "named"), (plain, "plain")):
@@ -313,10 +313,14 @@ def test_history_factory_config_keys_of_your_own_name_session_and_user(
 
 def test_session_and_user_keys_are_checked_at_construction() -> None:
     settings = AuditSettings.from_env({"BQ_AUDIT_SESSION_KEYS": "chat_id, thread_id"})
-    assert settings.session_keys == ("chat_id", "thread_id")
+    assert settings.session_keys == ("chat_id", "thread_id", "session_id", "conversation_id")
     assert settings.user_keys == ("user_id", "user")
-    with pytest.raises(ValueError, match="session_keys must name at least one key"):
-        AuditSettings(session_keys=" , ")
+    assert AuditSettings(session_keys=" , ").session_keys == ("session_id", "thread_id",
+                                                              "conversation_id")  # fmt: skip
+    with pytest.raises(ValueError, match="session_keys must be names"):
+        AuditSettings(session_keys=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keys are names like chat_id"):
+        AuditSettings(user_keys="a b")
 
 
 def test_graph_thread_and_user_from_configurable_reach_every_row(make_handler, read_rows) -> None:
