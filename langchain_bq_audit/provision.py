@@ -7,6 +7,7 @@ NULLABLE, leaving its rows alone; a column of the wrong type stops with an error
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,5 +211,25 @@ def _ensure_view(client: Any, view_id: str, query: str, description: str,
     if view.view_query != query:
         view.view_query = query
         client.update_table(view, ["view_query"], **opts)
+        if not _has_columns(client, view_id, query, opts):
+            # the embedded BigQuery keeps a view's old schema on update (real BigQuery
+            # recomputes it): made again, the view has the new query's columns
+            client.delete_table(view_id, not_found_ok=True, **opts)
+            fresh = bigquery.Table(view_id)
+            fresh.view_query, fresh.description = query, description
+            with contextlib.suppress(Conflict):
+                client.create_table(fresh, **opts)
         return "updated"
     return "ok"
+
+
+def _has_columns(client: Any, view_id: str, query: str, opts: dict[str, Any]) -> bool:
+    """True when the view's schema has the columns its query gives (a query of no rows)."""
+    from google.cloud import bigquery
+
+    view = client.get_table(view_id, **opts)
+    probe = client.query(
+        f"SELECT * FROM ({query}) LIMIT 0", job_config=bigquery.QueryJobConfig(), **opts
+    ).result(timeout=opts.get("timeout"))
+    wanted = {field.name for field in probe.schema}
+    return wanted <= {field.name for field in view.schema}

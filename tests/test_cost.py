@@ -137,11 +137,20 @@ def test_init_gives_a_table_from_before_cost_the_cost_columns_and_keeps_its_rows
         "output_text": "old answer", "event_id": "old-1", "run_type": "chat_model",
         "model_name": "gpt-4o", "provider": "openai", "total_tokens": 7,
     }]) == []  # fmt: skip
+    before = bigquery.Table(f"{full}_daily_usage")  # a view from before cost, as it was made
+    before.view_query = f"SELECT DATE(timestamp) AS day, COUNT(*) AS calls FROM `{full}` GROUP BY 1"
+    bq_client.create_table(before)
 
     init = bq_audit("init", "--endpoint", emulator.host_port, "--table", table_name)
     assert init.returncode == 0, init.stderr
     assert f"table {full}: added columns {', '.join(COST_ERA)}" in init.stdout
     assert f"view {full}_sessions: created" in init.stdout
+    assert f"view {full}_daily_usage: updated" in init.stdout
+    names = {f.name for f in bq_client.get_table(f"{full}_daily_usage").schema}
+    assert {"cost_usd", "unpriced_calls", "p95_latency_ms"} <= names  # the view's new columns
+    assert query(bq_client, f"SELECT cost_usd, unpriced_calls FROM `{full}_daily_usage`") == [
+        {"cost_usd": None, "unpriced_calls": 1}
+    ]
 
     run_calls(make_handler(prices=OWN_PRICES))
     rows = read_rows()
