@@ -376,7 +376,10 @@ def _tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def text_value(text: str) -> str:
-    """`text`, or its placeholder when it is media (a data URL or a base64 blob)."""
+    """`text` (as a plain `str`), or its placeholder when it is media (a data URL or a base64
+    blob)."""
+    if type(text) is not str:  # langchain-core's TextAccessor (`message.text`), an enum...
+        text = str.__str__(text)
     if len(text) < _MEDIA_MIN_CHARS and not text.startswith("data:"):
         return text
     return media_text(text) or text
