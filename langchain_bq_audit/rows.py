@@ -777,7 +777,7 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         settings.session_keys,
         settings.user_keys,
     )
-    run_id = str(rec.run_id)
+    run_id = _id(rec.run_id)  # a parent's id was made when its children's rows were
     row: dict[str, Any] = {
         "timestamp": iso(end),
         "input_text": "",
