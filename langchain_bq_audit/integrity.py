@@ -24,16 +24,30 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .jsoncodec import ExactFloat, exact_float, sorted_json
 from .schema import COLUMNS, JSON_COLUMNS
 
 GENESIS = "0" * 64
 _TIMESTAMPS = frozenset(c.name for c in COLUMNS if c.type == "TIMESTAMP")
 _STRINGS = frozenset(c.name for c in COLUMNS if c.type == "STRING")
+_CONVERTED = _TIMESTAMPS | JSON_COLUMNS
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _EXACT = 2**53
 
 
+_seconds: dict[str, int] = {}  # "2026-01-02T03:04:05" -> epoch seconds: rows come many a second
+
+
 def _micros(value: Any) -> int:
+    if type(value) is str and len(value) == 32 and value[19] == "." and value[26:] == "+00:00":
+        # the writer's own form (rows.iso): the seconds are parsed once, the micros sliced
+        head = value[:19]
+        second = _seconds.get(head)
+        if second is None:
+            if len(_seconds) >= 1024:
+                _seconds.clear()
+            second = _seconds[head] = _micros(head + "+00:00") // 1_000_000
+        return second * 1_000_000 + int(value[20:26])
     if isinstance(value, str):
         if value.endswith("Z"):  # RFC 3339's UTC mark: Python before 3.11 cannot parse it
             value = value[:-1] + "+00:00"
@@ -45,8 +59,10 @@ def _micros(value: Any) -> int:
 
 
 def _norm(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and -_EXACT <= value <= _EXACT:
-        return int(value)
+    if isinstance(value, float):
+        if value.is_integer() and -_EXACT <= value <= _EXACT:
+            return int(value)
+        return exact_float(value)  # so the fast encoder cannot spell it differently
     if isinstance(value, dict):
         return {k: _norm(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -59,9 +75,9 @@ def _float(text: str) -> int | float:
     return _norm(float(text))  # type: ignore[no-any-return]
 
 
-# Made once: `json.loads`/`json.dumps` with options build a new decoder/encoder per call.
-_DECODE = json.JSONDecoder(parse_float=_float).decode
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+# Made once: `json.loads` with options builds a new decoder on every call. NaN and
+# Infinity (which json reads, and a redactor's output could hold) as `ExactFloat`s too.
+_DECODE = json.JSONDecoder(parse_float=_float, parse_constant=lambda c: ExactFloat(c)).decode
 
 
 def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
@@ -72,20 +88,29 @@ def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
     """
     out: dict[str, Any] = {}
     for key, value in row.items():
-        if key == "row_hash" or value is None or value == []:
+        if type(value) is str:  # most columns: only timestamps and JSON text change
+            if key in _CONVERTED:
+                if key in _TIMESTAMPS:
+                    value = _micros(value)
+                elif not json_parsed:
+                    value = _DECODE(value)
+                    if value is None or value == []:  # read back as NULL: both sides agree
+                        continue
+        elif value is None or value == []:
             continue
-        if key in _TIMESTAMPS:
+        elif key in _TIMESTAMPS:
             value = _micros(value)
         elif key in JSON_COLUMNS:
             value = _norm(value) if json_parsed else _DECODE(value)
-            if value is None or value == []:  # read back as NULL or not, both sides agree
+            if value is None or value == []:
                 continue
         elif type(value) is float:  # the only scalar _norm changes
             value = _norm(value)
         elif type(value) is int and key in _STRINGS:  # BigQuery stores it as its digits
             value = str(value)
         out[key] = value
-    return _ENCODE(out).encode("utf-8", "surrogatepass")
+    out.pop("row_hash", None)
+    return sorted_json(out)
 
 
 def row_hash(row: Mapping[str, Any], json_parsed: bool = False) -> str:

@@ -81,7 +81,11 @@ def is_secret_key(key: str) -> bool:
 def may_hold_secret_key(text: str) -> bool:
     """False only when `text` (e.g. JSON) cannot hold a key `is_secret_key` accepts."""
     lowered = text.lower()
-    return any(marker in lowered for marker in KEY_MARKERS)
+    # a plain loop: `any()` over a generator costs twice as much on short text
+    for marker in KEY_MARKERS:  # noqa: SIM110
+        if marker in lowered:
+            return True
+    return False
 
 
 # -- credentials in text ------------------------------------------------------------------------
@@ -183,7 +187,11 @@ def _may_hold_secret(text: str) -> bool:
     for marker in _MARKERS_ANY_CASE:
         if marker in lowered:
             return True
-    return (":" in text or "=" in text) and any(marker in lowered for marker in KEY_MARKERS)
+    if ":" in text or "=" in text:
+        for marker in KEY_MARKERS:
+            if marker in lowered:
+                return True
+    return False
 
 
 def _base64_pair(text: str) -> bool:

@@ -376,7 +376,10 @@ def _tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def text_value(text: str) -> str:
-    """`text`, or its placeholder when it is media (a data URL or a base64 blob)."""
+    """`text` (as a plain `str`), or its placeholder when it is media (a data URL or a base64
+    blob)."""
+    if type(text) is not str:  # langchain-core's TextAccessor (`message.text`), an enum...
+        text = str.__str__(text)
     if len(text) < _MEDIA_MIN_CHARS and not text.startswith("data:"):
         return text
     return media_text(text) or text
@@ -785,7 +788,7 @@ def _identity(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         settings.session_keys,
         settings.user_keys,
     )
-    run_id = str(rec.run_id)
+    run_id = _id(rec.run_id)  # a parent's id was made when its children's rows were
     row: dict[str, Any] = {
         "timestamp": iso(end),
         "input_text": "",

@@ -4,28 +4,65 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..jsoncodec import compact_json
 from .base import PermanentError, RetryableError, TableMissingError, setup_refused
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 _SETUP_STATUS = {401, 403}  # not authenticated, permission denied: spool, do not retry
 
 
+def request_body(rows: list[dict[str, Any]], ids: list[str]) -> bytes:
+    """The insertAll request body of `rows`, with insert ids `ids`, as UTF-8 JSON: what
+    `Client.insert_rows_json` sends, encoded in one pass by orjson when it is installed."""
+    body = [{"insertId": i, "json": r} for r, i in zip(rows, ids, strict=True)]
+    return compact_json({"rows": body})
+
+
 class InsertAllSink:
-    """Writes batches with `Client.insert_rows_json`; one request per batch, bounded time."""
+    """Writes batches to `tabledata.insertAll`; one request per batch, bounded time.
+
+    The body is encoded here (`request_body`) and posted through the client's own API call
+    (its credentials, endpoint, retry-free timeout and tracing span): `insert_rows_json`
+    would rebuild each row's dict and encode it with `json`, 5x slower. A client without
+    that method (not a `google.cloud.bigquery.Client`) gets `insert_rows_json`.
+    """
 
     def __init__(self, client: Any, table_id: str, timeout: float) -> None:
         self._client = client
         self._table_id = table_id
         self._timeout = timeout
+        self._path: str | None = None
+        if callable(getattr(client, "_call_api", None)):
+            from google.cloud.bigquery import TableReference
+
+            ref = TableReference.from_string(table_id, default_project=client.project)
+            self._path = f"{ref.path}/insertAll"
+
+    def _insert(self, rows: list[dict[str, Any]], ids: list[str]) -> list[dict[str, Any]]:
+        """insertAll's per-row errors, as `insert_rows_json` gives them."""
+        if self._path is None:
+            # retry=None: the writer owns retries, so their total time stays bounded.
+            errors: list[dict[str, Any]] = self._client.insert_rows_json(
+                self._table_id, rows, row_ids=ids, retry=None, timeout=self._timeout
+            )
+            return errors
+        response = self._client._call_api(
+            None,  # no retry: as above
+            span_name="BigQuery.insertRowsJson",
+            span_attributes={"path": self._path},
+            method="POST",
+            path=self._path,
+            data=request_body(rows, ids),
+            content_type="application/json",
+            timeout=self._timeout,
+        )
+        return list(response.get("insertErrors", ()))
 
     def write(self, rows: list[dict[str, Any]], ids: list[str]) -> dict[int, str]:
         from google.api_core import exceptions as gexc
 
         try:
-            # retry=None: the writer owns retries, so their total time stays bounded.
-            errors = self._client.insert_rows_json(
-                self._table_id, rows, row_ids=ids, retry=None, timeout=self._timeout
-            )
+            errors = self._insert(rows, ids)
         except gexc.NotFound as exc:
             raise TableMissingError(str(exc)) from exc
         except gexc.GoogleAPICallError as exc:
