@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
-from .emulator import EmulatorError, LocalBigQuery
+from .emulator import EmulatorError, LocalBigQuery, find_server
 
 MAX_SESSIONS = 100_000  # `sessions --limit`: a screenful to an export, within INT64
 
@@ -27,6 +27,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         client = make_client(AuditSettings(emulator_host=args.endpoint, project=args.project))
         return run_demo(client, sys.stdout)
     emulator = LocalBigQuery(args.data_dir)
+    find_server()  # not installed (any Python but 3.13): one line, before "starting"
     print(f"starting the embedded BigQuery (data in {emulator.data_dir}) ...", flush=True)
     with emulator:
         print(f"local BigQuery ready on {emulator.endpoint}\n", flush=True)

@@ -132,6 +132,19 @@ def _params(path: str, kind: str) -> str:
     return f"SAFE_CAST(JSON_VALUE(invocation_params, '$.{path}') AS {kind})"
 
 
+def _first(kind: str, *keys: str) -> str:
+    """The first of `keys` present: `ls_*` ones in `metadata`, the others in the model's
+    `invocation_params` (Gemini says `max_output_tokens`, OpenAI's o-series
+    `max_completion_tokens`)."""
+    found = [
+        f"SAFE_CAST(JSON_VALUE(metadata, '$.{key}') AS {kind})"
+        if key.startswith("ls_")
+        else _params(key, kind)
+        for key in keys
+    ]
+    return f"COALESCE({', '.join(found)})"
+
+
 def _nested(fields: Mapping[str, str]) -> list[str]:
     """`{"a.b.c": expr}` -> select items `STRUCT(STRUCT(expr AS c) AS b) AS a`, so the dotted
     name is the column's path (`SELECT a.b.c`; BigQuery column names cannot hold dots)."""
@@ -165,8 +178,11 @@ OTEL_ATTRIBUTES = {
         f"COALESCE({_params('model', 'STRING')}, {_params('model_name', 'STRING')}, "
         "JSON_VALUE(metadata, '$.ls_model_name'))"
     ),
-    semconv.GEN_AI_REQUEST_TEMPERATURE: _params("temperature", "FLOAT64"),
-    semconv.GEN_AI_REQUEST_MAX_TOKENS: _params("max_tokens", "INT64"),
+    # the model's own parameter names, then LangChain's standard `ls_*` metadata
+    semconv.GEN_AI_REQUEST_TEMPERATURE: _first("FLOAT64", "temperature", "ls_temperature"),
+    semconv.GEN_AI_REQUEST_MAX_TOKENS: _first(
+        "INT64", "max_tokens", "max_output_tokens", "max_completion_tokens", "ls_max_tokens"
+    ),
     semconv.GEN_AI_RESPONSE_MODEL: "model_name",
     semconv.GEN_AI_USAGE_INPUT_TOKENS: "prompt_tokens",
     semconv.GEN_AI_USAGE_OUTPUT_TOKENS: "completion_tokens",

@@ -167,6 +167,12 @@ def test_nothing_of_opentelemetry_is_imported_when_the_app_does_not_use_it(
 class ProviderChatModel(ScriptedChatModel):
     """A chat model that names its provider as LangChain's provider packages do."""
 
+    max_output_tokens: int | None = None  # Gemini's name for the cap on output tokens
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {**super()._identifying_params, "max_output_tokens": self.max_output_tokens}
+
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "openai"
@@ -180,7 +186,7 @@ def test_the_otel_view_speaks_the_genai_semantic_conventions(
     usage = {"input_tokens": 12, "output_tokens": 3, "total_tokens": 15}
     answer = AIMessage("hello", usage_metadata=usage,
                        response_metadata={"model_name": "gpt-4o-2024-08-06"})  # fmt: skip
-    chat = ProviderChatModel(message=answer, model="gpt-4o", temperature=0.2)
+    chat = ProviderChatModel(message=answer, model="gpt-4o", temperature=0.2, max_output_tokens=256)
 
     @tool
     def lookup(city: str) -> str:
@@ -204,19 +210,19 @@ def test_the_otel_view_speaks_the_genai_semantic_conventions(
         SELECT trace_id, span_id, run_type,
           gen_ai.operation.name AS op, gen_ai.provider.name AS provider,
           gen_ai.request.model AS request_model, gen_ai.response.model AS response_model,
-          gen_ai.request.temperature AS temperature,
+          gen_ai.request.temperature AS temperature, gen_ai.request.max_tokens AS max_tokens,
           gen_ai.usage.input_tokens AS input_tokens, gen_ai.usage.output_tokens AS output_tokens,
           gen_ai.conversation.id AS conversation, gen_ai.tool.name AS tool, error.type AS error
         FROM {view} ORDER BY start_time""")  # fmt: skip
     ids = hex_ids(span)
     assert [tuple(r.values()) for r in rows] == [
         (*ids, "chat_model", names.GenAiOperationNameValues.CHAT,
-         names.GenAiProviderNameValues.OPENAI, "gpt-4o", "gpt-4o-2024-08-06", 0.2, 12, 3,
+         names.GenAiProviderNameValues.OPENAI, "gpt-4o", "gpt-4o-2024-08-06", 0.2, 256, 12, 3,
          "s-9", None, None),
         (*ids, "tool", names.GenAiOperationNameValues.EXECUTE_TOOL, None, None, None, None,
-         None, None, None, "lookup", None),
+         None, None, None, None, "lookup", None),
         (*ids, "tool", names.GenAiOperationNameValues.EXECUTE_TOOL, None, None, None, None,
-         None, None, None, "broken", "RuntimeError"),
+         None, None, None, None, "broken", "RuntimeError"),
     ]  # fmt: skip
     # the view's columns are the conventions' names, as paths of nested columns
     table = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_otel")

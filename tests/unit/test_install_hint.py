@@ -33,6 +33,7 @@ def test_demo_without_the_embedded_bigquery_is_one_line_naming_this_python(tmp_p
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout == ""  # no "starting the embedded BigQuery" before it
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if here != "3.13":
         assert f"runs on Python 3.13 only and this is Python {here}" in lines[0]
