@@ -302,7 +302,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from .traces import trace_lines
 
     client, table = _client_and_table(args)
-    rows = trace_rows(client, table, args.id)
+    rows = trace_rows(client, table, _run_id_text(args.id))
     if not rows:
         print(f"bq-audit: no run in {table} has trace id, run id or event id {args.id!r}",
               file=sys.stderr)  # fmt: skip
@@ -310,6 +310,18 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     lines = [json.dumps(r, default=str) for r in rows] if args.json else trace_lines(rows)
     print("\n".join(lines))
     return 0
+
+
+def _run_id_text(text: str) -> str:
+    """A UUID as LangChain writes run ids (lowercase, dashed), however it was pasted
+    (`UUID('...')` of a log line, upper case, 32 hex digits); other text as given."""
+    import uuid
+
+    bare = text.strip().removeprefix("UUID(").rstrip(")").strip("'\"")
+    try:
+        return str(uuid.UUID(bare))
+    except ValueError:
+        return text
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:

@@ -238,6 +238,8 @@ def test_trace_prints_the_run_tree_of_one_trace(emulator, bq_client, make_handle
     model = rows["FakeListChatModel"]
     assert bq_audit("trace", model["run_id"], *where).stdout == proc.stdout
     assert bq_audit("trace", model["event_id"], *where).stdout == proc.stdout
+    pasted = f"UUID('{model['run_id'].upper().replace('-', '')}')"  # as a log line shows it
+    assert bq_audit("trace", pasted, *where).stdout == proc.stdout
     as_json = bq_audit("trace", TRACE, "--json", *where).stdout.splitlines()
     assert sorted(json.loads(x)["name"] for x in as_json) == sorted(rows)
 
