@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
 import threading
 import uuid
 from collections import defaultdict
@@ -35,6 +36,7 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _EXACT = 2**53
 
 
+_FRACTION = re.compile(r"\d\d:\d\d:\d\d\.(\d+)")  # a time's fraction of a second
 _seconds: dict[str, int] = {}  # "2026-01-02T03:04:05" -> epoch seconds: rows come many a second
 
 
@@ -51,6 +53,11 @@ def _micros(value: Any) -> int:
     if isinstance(value, str):
         if value.endswith("Z"):  # RFC 3339's UTC mark: Python before 3.11 cannot parse it
             value = value[:-1] + "+00:00"
+        fraction = _FRACTION.search(value)
+        if fraction is not None and len(fraction.group(1)) != 6:
+            # nor a fraction of other than 3 or 6 digits (`04.5`): pad or cut to microseconds
+            digits = fraction.group(1)[:6].ljust(6, "0")
+            value = f"{value[: fraction.start(1)]}{digits}{value[fraction.end(1) :]}"
         value = _dt.datetime.fromisoformat(value)
         if value.tzinfo is None:  # BigQuery's TIMESTAMP is UTC
             value = value.replace(tzinfo=_dt.timezone.utc)
