@@ -363,6 +363,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .client import destination_id
     from .reading import summary
     from .spool import Spool, default_spool_dir, read_segment, spooled_destinations
+    from .traces import money
 
     client, table = _client_and_table(args)
     settings = _settings_from(args)
@@ -390,7 +391,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             raise
         remote = dict.fromkeys(("rows", "sessions", "users", "model_calls", "total_tokens",
                                 "errors", "newest_run_end", "cost_usd", "unpriced_calls",
-                                "model_calls_24h", "cost_usd_24h"))  # fmt: skip
+                                "model_calls_24h", "cost_usd_24h",
+                                "unpriced_calls_24h"))  # fmt: skip
         print(f"table {table}: not found (bq-audit init creates it)", file=sys.stderr)
     if args.json:
         print(json.dumps({"table": table, **remote, **local, "spools": spools}, default=str))
@@ -400,9 +402,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
           f"{remote['users']} users, {remote['model_calls']} model calls, "
           f"{remote['total_tokens']} tokens, {remote['errors']} errors, "
           f"newest run ended {remote['newest_run_end'] or 'never'}")  # fmt: skip
-        print(f"cost: ${remote['cost_usd']:,.6f} in all; ${remote['cost_usd_24h']:,.6f} over "
-              f"{remote['model_calls_24h']} model calls in the last 24 h; "
-              f"{remote['unpriced_calls']} model calls without a price")  # fmt: skip
+        print(f"cost: {money(remote['cost_usd'], remote['unpriced_calls'])} in all; "
+              f"{money(remote['cost_usd_24h'], remote['unpriced_calls_24h'])} over "
+              f"{remote['model_calls_24h']} model calls in the last 24 h")  # fmt: skip
     for one in spools:
         if one is not local and not (one["spooled_rows"] or one["dead_letter_rows"]):
             continue

@@ -6,14 +6,17 @@ callback. Each (provider, model) is looked up once; a row then costs one price c
 
 A cost is never guessed: no provider, no model, a pair `genai-prices` does not know, or
 token counts missing give NULL cost columns. The user's `prices` (`parse_prices`) take
-precedence and may name a model alone (no provider needed).
+precedence and may name a model alone (no provider needed); `override_for` says which
+entry applies to a row.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -36,6 +39,13 @@ _lookups: dict[tuple[str, str], Any] = {}  # (provider, model) -> (Provider, Mod
 _rates: dict[int, tuple[Any, tuple[float, ...] | None]] = {}  # id(ModelPrice) -> rates
 _own_prices: dict[tuple[Any, ...], Any] = {}  # a `prices` entry -> its ModelPrice
 _source: list[str] = []  # "genai-prices X.Y.Z", once imported; empty: not yet tried
+_matches: dict[int, tuple[Any, dict[tuple[str, str | None], Any]]] = {}  # id(prices) -> ...
+_provider_ids: dict[str, str] = {}  # a provider name, lower-cased -> genai-prices' id for it
+# A release date at the end of a model name, as providers add it to the name one asks for:
+# `gpt-4o-2024-08-06`, `claude-sonnet-4-20250514`, `claude-3-5-sonnet@20240620` (Vertex AI),
+# `gpt-4-0613` (OpenAI's month and day). Nothing else is cut: `gpt-4o-mini` stays itself.
+_M, _D = r"(?:0[1-9]|1[0-2])", r"(?:0[1-9]|[12]\d|3[01])"  # a month, a day
+_DATED = re.compile(rf"^(.+?)(?:[-@]20\d\d(?:-{_M}-{_D}|{_M}{_D})|-{_M}{_D})$")
 
 
 def parse_prices(value: Mapping[str, Any] | str | None) -> dict[str, dict[str, Any]]:
@@ -43,8 +53,9 @@ def parse_prices(value: Mapping[str, Any] | str | None) -> dict[str, dict[str, A
     "cache_read": ..., "cache_write": ..., "provider": "openai"}}`, or the same as JSON.
 
     `input` and `output` are required; a cache rate left out bills those tokens at `input`.
-    `provider`, when given, limits the entry to rows of that provider. Raises ValueError
-    naming the model and key for anything else (unknown keys, negative or non-numeric rates).
+    `provider`, when given, limits the entry to rows of that provider (see `override_for`).
+    Raises ValueError naming the model and key for anything else (unknown keys, negative or
+    non-numeric rates, two names that differ only in case).
     """
     if value is None or value == "":
         return {}
@@ -58,9 +69,16 @@ def parse_prices(value: Mapping[str, Any] | str | None) -> dict[str, dict[str, A
             'prices must map model names to rates, e.g. {"my-model": {"input": 3, "output": 15}}'
         )
     out: dict[str, dict[str, Any]] = {}
+    seen: dict[str, str] = {}  # lower-cased name -> name: names match whatever their case
     for model, entry in value.items():
         if not isinstance(model, str) or not model:
             raise ValueError(f"prices: a model name must be a non-empty string, got {model!r}")
+        if model.lower() in seen:
+            raise ValueError(
+                f"prices: {seen[model.lower()]!r} and {model!r} name the same model "
+                "(names match whatever their case)"
+            )
+        seen[model.lower()] = model
         if not isinstance(entry, Mapping):
             raise ValueError(f"prices[{model!r}] must be a mapping of rates, got {entry!r}")
         unknown = sorted(set(map(str, entry)) - set(_ENTRY_KEYS))
@@ -77,6 +95,7 @@ def parse_prices(value: Mapping[str, Any] | str | None) -> dict[str, dict[str, A
             if key == "provider":
                 if not isinstance(rate, str) or not rate:
                     raise ValueError(f"prices[{model!r}]['provider'] must be a non-empty string")
+                _check_provider(model, rate)
                 checked[key] = rate
                 continue
             if isinstance(rate, bool) or not isinstance(rate, (int, float)):
@@ -88,6 +107,24 @@ def parse_prices(value: Mapping[str, Any] | str | None) -> dict[str, dict[str, A
             checked[key] = rate
         out[model] = checked
     return out
+
+
+def _check_provider(model: str, provider: str) -> None:
+    """Warns, naming genai-prices' providers, when `provider` is none of them: a typo would
+    leave the entry unused without a word. Not an error, as LangChain providers genai-prices
+    does not price (`ollama`, ...) are right there; the entry then wants that exact name."""
+    if price_source() is None:
+        return
+    from genai_prices.data_snapshot import get_snapshot
+
+    if _provider_id(provider) not in {p.id for p in get_snapshot().providers}:
+        known = ", ".join(sorted(p.id for p in get_snapshot().providers))
+        logging.getLogger(__name__).warning(
+            "prices[%r]['provider'] = %r is no provider genai-prices knows, so the entry "
+            "applies only to rows whose provider is %r (in any case). Known: %s, and "
+            "LangChain's names for them (google_genai, amazon_bedrock, mistralai, ...).",
+            model, provider, provider, known,
+        )  # fmt: skip
 
 
 def row_cost(
@@ -108,14 +145,77 @@ def row_cost(
         "cache_write_tokens": row.get("cache_write_tokens") or 0,
     }
     try:
-        own = prices.get(model)
-        if own is not None and own.get("provider", provider) == provider:
+        own = override_for(prices, model, provider) if prices else None
+        if own is not None:
             return _override_cost(usage, own, model, provider)
         if provider:
             return _genai_prices_cost(usage, model, provider, start_time)
     except Exception:  # odd counts (cache above input), a data error: no price, a row still
         pass
     return {}
+
+
+def override_for(
+    prices: Mapping[str, Mapping[str, Any]], model: str, provider: str | None
+) -> Mapping[str, Any] | None:
+    """The `prices` entry (as `parse_prices` checked it) that prices a call of `model` from
+    `provider` (the row's `model_name` and `provider`), or None.
+
+    Names match whatever their case. The entry named `model` itself wins; else the one named
+    `model` without a release date at its end (`gpt-4o` prices `gpt-4o-2024-08-06`,
+    `claude-3-5-sonnet@20240620` and `gpt-4-0613` give `claude-3-5-sonnet` and `gpt-4`);
+    never a longer or shorter name (`gpt-4o` does not price `gpt-4o-mini`, nor a fine-tune
+    `ft:gpt-4o-2024-08-06:acme::AbC123`: name it whole). An entry with a `provider` applies
+    only when that is the row's provider or the same genai-prices provider (`google` and
+    LangChain's `google_genai`, `OpenAI` and `openai`). Each (model, provider) is decided once
+    per `prices`."""
+    cached = _matches.get(id(prices))
+    if cached is None or cached[0] is not prices:
+        if len(_matches) >= 8:  # a process has one or a few settings
+            _matches.clear()
+        cached = _matches[id(prices)] = (prices, {})
+    found = cached[1]
+    key = (model, provider)
+    if key in found:
+        return found[key]  # type: ignore[no-any-return]
+    by_name = {name.lower(): entry for name, entry in prices.items()}
+    name = model.lower()
+    dated = _DATED.match(name)
+    own = None
+    for candidate in (name, dated.group(1)) if dated else (name,):
+        entry = by_name.get(candidate)
+        if entry is not None and _same_provider(entry.get("provider"), provider):
+            own = entry
+            break
+    if len(found) >= _MAX_LOOKUPS:
+        found.clear()
+    found[key] = own
+    return own
+
+
+def _same_provider(wanted: str | None, provider: str | None) -> bool:
+    """Whether an entry kept to provider `wanted` (None: any) applies to a row of `provider`."""
+    if wanted is None:
+        return True
+    if provider is None:
+        return False
+    return wanted.lower() == provider.lower() or _provider_id(wanted) == _provider_id(provider)
+
+
+def _provider_id(name: str) -> str:
+    """genai-prices' id of the provider `name` stands for (`google_genai` -> `google`, `OpenAI`
+    -> `openai`), or `name` lower-cased when genai-prices does not know it (or is missing)."""
+    key = name.lower()
+    found = _provider_ids.get(key)
+    if found is None:
+        found = key
+        if price_source() is not None:
+            from genai_prices.data_snapshot import find_provider_by_id, get_snapshot
+
+            provider = find_provider_by_id(get_snapshot().providers, key)
+            found = provider.id if provider is not None else key
+        _provider_ids[key] = found
+    return found
 
 
 def _override_cost(

@@ -21,7 +21,7 @@ TRACE_COLUMNS = (
 
 SESSION_COLUMNS = (
     "session_id", "first_time", "last_time", "runs", "calls", "total_tokens", "cost_usd",
-    "errors", "users", "user_ids",
+    "unpriced_calls", "errors", "users", "user_ids",
 )  # fmt: skip
 
 
@@ -84,9 +84,10 @@ def recent_rows(
 def summary(client: Any, table: str, now: dt.datetime | None = None) -> dict[str, Any]:
     """Rows, sessions, users, model calls, tokens, errors of `table`, and when its newest run
     ended (`newest_run_end`: the table has no write time; a replayed row keeps its end).
-    Cost in USD: `cost_usd` (all time), `unpriced_calls` (model calls without a price, not
-    in it), and over the 24 h before `now` (default: the clock) `cost_usd_24h` and
-    `model_calls_24h`. Read through the dedup query: a row written twice counts once."""
+    Cost in USD: `cost_usd` (all time; None when no row has a price), `unpriced_calls`
+    (model calls without a price, not in it), and over the 24 h before `now` (default: the
+    clock) `cost_usd_24h`, `unpriced_calls_24h` and `model_calls_24h`. Read through the
+    dedup query: a row written twice counts once."""
     from .views import MODEL_RUNS, dedup
 
     since = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(hours=24)
@@ -98,12 +99,13 @@ def summary(client: Any, table: str, now: dt.datetime | None = None) -> dict[str
         "MAX(timestamp) AS newest_run_end, SUM(cost_usd) AS cost_usd, "
         f"COUNTIF({MODEL_RUNS} AND cost_usd IS NULL) AS unpriced_calls, "
         f"COUNTIF({MODEL_RUNS} AND timestamp >= @since) AS model_calls_24h, "
+        f"COUNTIF({MODEL_RUNS} AND timestamp >= @since AND cost_usd IS NULL) "
+        "AS unpriced_calls_24h, "
         "SUM(IF(timestamp >= @since, cost_usd, NULL)) AS cost_usd_24h "
         f"FROM ({dedup(table)})",
         {"since": since},
     )
-    for key in ("total_tokens", "cost_usd", "cost_usd_24h"):
-        row[key] = row[key] or 0
+    row["total_tokens"] = row["total_tokens"] or 0  # a cost stays None: unknown, not $0
     return row
 
 

@@ -61,10 +61,14 @@ def tree(rows: Iterable[Row]) -> list[tuple[int, Row]]:
     return order
 
 
-def money(cost: float | None) -> str:
-    """A cost in USD as `$0.000123` (six decimals: a call costs fractions of a cent); `-`
-    when not known."""
-    return "-" if cost is None else f"${cost:.6f}"
+def money(cost: float | None, unpriced: int | None = 0) -> str:
+    """A cost in USD as `$1,234.000123` (six decimals: a call costs fractions of a cent), `-`
+    when not known; with `unpriced` model calls (without a price, so not in `cost`) after it:
+    `$0.003500 (+1 unpriced)`, or `- (2 unpriced)` when none had a price. The one form of a
+    cost that `bq-audit trace`, `sessions` and `stats` print."""
+    if cost is None:
+        return f"- ({unpriced} unpriced)" if unpriced else "-"
+    return f"${cost:,.6f}" + (f" (+{unpriced} unpriced)" if unpriced else "")
 
 
 def _ms(latency: float | None) -> str:
@@ -84,7 +88,8 @@ def _status(row: Row) -> str:
 
 def totals(rows: Iterable[Row]) -> dict[str, Any]:
     """Runs, model calls, errors, tokens and cost of some runs: tokens and cost summed over
-    the runs that have them (`None` when none has), as the views count them."""
+    the runs that have them (`None` when none has), and `unpriced_calls` (model calls without
+    a cost), as the views count them."""
     rows = list(rows)
     tokens = [r["total_tokens"] for r in rows if r.get("total_tokens") is not None]
     costs = [r["cost_usd"] for r in rows if r.get("cost_usd") is not None]
@@ -94,6 +99,9 @@ def totals(rows: Iterable[Row]) -> dict[str, Any]:
         "errors": sum(r.get("status") == "error" for r in rows),
         "total_tokens": sum(tokens) if tokens else None,
         "cost_usd": sum(costs) if costs else None,
+        "unpriced_calls": sum(
+            r.get("run_type") in MODEL_RUN_TYPES and r.get("cost_usd") is None for r in rows
+        ),
     }
 
 
@@ -138,7 +146,7 @@ def _trace_summary(trace_id: Any, runs: list[Row]) -> list[str]:
     return [
         f"trace {trace_id}: {total['runs']} runs, {total['calls']} model call(s), "
         f"{total['errors']} error(s), {_num(total['total_tokens'])} tokens, cost "
-        f"{money(total['cost_usd'])}" + "".join(f"; {x}" for x in where),
+        f"{money(total['cost_usd'], total['unpriced_calls'])}" + "".join(f"; {x}" for x in where),
         TRACE_HEADER,
     ]
 
@@ -147,23 +155,24 @@ def _time(value: dt.datetime | None) -> str:
     return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S}"
 
 
-SESSIONS_HEADER = (
-    f"{'session':20}  {'first run (UTC)':19}  {'last run (UTC)':19}  {'runs':>5}  "
-    f"{'calls':>5}  {'tokens':>8}  {'cost':>10}  {'errors':>6}  users"
-)
-
-
 def session_lines(sessions: Iterable[Row]) -> list[str]:
     """What `bq-audit sessions` prints: the column names, then a line per session (as
     `reading.recent_sessions` gives them): its first and last time, runs, model calls,
-    tokens, cost (`-` when no run has a price), errors, and its users (count: ids)."""
-    lines = [SESSIONS_HEADER]
-    for s in sessions:
+    tokens, cost (`money`: `-` when no run has a price, with its unpriced calls), errors,
+    and its users (count: ids)."""
+    sessions = list(sessions)
+    costs = [money(s.get("cost_usd"), s.get("unpriced_calls")) for s in sessions]
+    width = max([10, *map(len, costs)])  # the column is as wide as its widest cost
+    lines = [
+        f"{'session':20}  {'first run (UTC)':19}  {'last run (UTC)':19}  {'runs':>5}  "
+        f"{'calls':>5}  {'tokens':>8}  {'cost':>{width}}  {'errors':>6}  users"
+    ]
+    for s, cost in zip(sessions, costs, strict=True):
         users = f"{s.get('users') or 0}: {', '.join(s.get('user_ids') or ())}".rstrip(": ")
         lines.append(
             f"{cut(s.get('session_id'), 20):20}  {_time(s.get('first_time')):19}  "
             f"{_time(s.get('last_time')):19}  {s.get('runs') or 0:>5}  "
             f"{s.get('calls') or 0:>5}  {_num(s.get('total_tokens')):>8}  "
-            f"{money(s.get('cost_usd')):>10}  {s.get('errors') or 0:>6}  {cut(users, 40)}"
+            f"{cost:>{width}}  {s.get('errors') or 0:>6}  {cut(users, 40)}"
         )
     return lines

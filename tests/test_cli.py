@@ -167,6 +167,11 @@ def test_stats_summarizes_the_table_and_the_local_spool(
     human = bq_audit("stats", *where)
     assert human.returncode == 0, human.stderr
     assert "4 rows, 2 sessions, 2 users, 3 model calls, 63 tokens, 1 errors" in human.stdout
+    # no model here has a price: the cost is unknown, never $0
+    assert (stats["cost_usd"], stats["unpriced_calls"]) == (None, 3)
+    assert "cost: - (3 unpriced) in all; - (3 unpriced) over 3 model calls in the last 24 h" in (
+        human.stdout.splitlines()
+    )
     assert "1 rows in 1 segment(s) waiting for replay" in human.stdout
     assert "hint: bq-audit replay" in human.stdout
 
@@ -217,7 +222,7 @@ def test_trace_prints_the_run_tree_of_one_trace(emulator, bq_client, make_handle
 
     start = rows["RunnableSequence"]["start_time"]
     assert proc.stdout.splitlines() == [
-        f"trace {TRACE}: 5 runs, 1 model call(s), 0 error(s), - tokens, cost -; "
+        f"trace {TRACE}: 5 runs, 1 model call(s), 0 error(s), - tokens, cost - (1 unpriced); "
         f"session s-trace, user ana; started {start:%Y-%m-%d %H:%M:%S} UTC",
         "run                                 type        status              latency   tokens"
         "        cost  input -> output",
@@ -269,13 +274,16 @@ def test_sessions_lists_the_latest_sessions_with_their_totals(
 
     assert proc.stdout.splitlines() == [
         "session               first run (UTC)      last run (UTC)        runs  calls    tokens"
-        "        cost  errors  users",
-        f"s-b                   {when('s-b')}      2      1        31           -       1  1: bob",
-        f"s-a                   {when('s-a')}      2      2        32           -       0  1: ana",
+        "            cost  errors  users",
+        f"s-b                   {when('s-b')}      2      1        31  - (1 unpriced)       1  "
+        "1: bob",
+        f"s-a                   {when('s-a')}      2      2        32  - (2 unpriced)       0  "
+        "1: ana",
     ]  # fmt: skip
     newest = bq_audit("sessions", "--limit", "1", "--json", *where).stdout.splitlines()
     assert [json.loads(x)["session_id"] for x in newest] == ["s-b"]
-    assert json.loads(newest[0])["cost_usd"] is None  # no model here has a price
+    # no model here has a price: the cost is unknown, not $0
+    assert (json.loads(newest[0])["cost_usd"], json.loads(newest[0])["unpriced_calls"]) == (None, 1)
     later = bq_audit("sessions", "--since", "2999-01-01", *where)
     assert later.returncode == 0 and later.stdout == ""
     assert later.stderr.strip() == f"no sessions in {full} since 2999-01-01"

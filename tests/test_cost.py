@@ -11,6 +11,7 @@ import genai_prices
 import pytest
 from genai_prices import Usage, calc_price
 from google.cloud import bigquery
+from langchain_core.output_parsers import StrOutputParser
 
 from langchain_bq_audit import schema
 
@@ -116,10 +117,52 @@ def test_views_and_stats_show_the_cost(emulator, bq_client, make_handler, table_
     assert stats["cost_usd"] == pytest.approx(s1 + s2, rel=1e-12)
     assert stats["cost_usd_24h"] == pytest.approx(s1 + s2, rel=1e-12)
     assert (stats["model_calls_24h"], stats["unpriced_calls"]) == (5, 1)
+    assert stats["unpriced_calls_24h"] == 1
     human = bq_audit("stats", *where)
     assert human.returncode == 0, human.stderr
-    assert (f"cost: ${s1 + s2:,.6f} in all; ${s1 + s2:,.6f} over 5 model calls in the last "
-            "24 h; 1 model calls without a price") in human.stdout  # fmt: skip
+    assert (f"cost: ${s1 + s2:,.6f} (+1 unpriced) in all; ${s1 + s2:,.6f} (+1 unpriced) over "
+            "5 model calls in the last 24 h") in human.stdout.splitlines()  # fmt: skip
+
+    # sessions: a cost some calls are missing from says how many, in text and JSON
+    listed = bq_audit("sessions", *where)
+    assert listed.returncode == 0, listed.stderr
+    header, two, one = listed.stdout.splitlines()
+    assert (two.split()[0], two.split()[8:]) == (
+        "s-2",
+        [f"${s2:.6f}", "(+1", "unpriced)", "0", "0"],
+    )
+    assert (one.split()[0], one.split()[8:]) == ("s-1", [f"${s1:.6f}", "0", "0"])
+    assert header.index("cost") + 4 == two.index("unpriced)") + 9 == one.index(f"{s1:.6f}") + 8
+    as_json = [json.loads(x) for x in bq_audit("sessions", "--json", *where).stdout.splitlines()]
+    assert [(x["session_id"], x["unpriced_calls"]) for x in as_json] == [("s-2", 1), ("s-1", 0)]
+
+
+def test_a_trace_and_its_session_show_a_partial_cost_with_its_unpriced_calls(
+    emulator, bq_client, make_handler, table_name, read_rows
+) -> None:
+    # OpenAI answers with a dated name; your price for gpt-4o, with its provider in any case
+    handler = make_handler(prices={"GPT-4o": {"input": 2, "output": 8, "provider": "OpenAI"}})
+    chain = ProviderChatModel.answer("openai", "gpt-4o-2024-08-06", "a", usage(1000, 500))
+    chain = chain | StrOutputParser() | ProviderChatModel.answer("openai", "acme-unknown-9", "b",
+                                                                 usage(100, 10))  # fmt: skip
+    chain.invoke("ask", config={"callbacks": [handler], "metadata": {"session_id": "s-3"}})
+    assert handler.flush(timeout=30)
+    rows = read_rows()
+    priced = {r["model_name"]: (r["cost_usd"], r["price_source"]) for r in rows}
+    # 1000 in at $2/M and 500 out at $8/M; the private model has no price
+    assert priced == {"gpt-4o-2024-08-06": (0.006, "override"), "acme-unknown-9": (None, None),
+                      None: (None, None)}  # fmt: skip
+    (root,) = [r for r in rows if r["name"] == "RunnableSequence"]
+
+    where = ("--endpoint", emulator.host_port, "--table", table_name)
+    trace = bq_audit("trace", root["trace_id"], *where)
+    assert trace.returncode == 0, trace.stderr
+    assert trace.stdout.splitlines()[0] == (
+        f"trace {root['trace_id']}: 4 runs, 2 model call(s), 0 error(s), 1,610 tokens, cost "
+        f"$0.006000 (+1 unpriced); session s-3; started {root['start_time']:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    (session,) = bq_audit("sessions", *where).stdout.splitlines()[1:]
+    assert session.split()[8:] == ["$0.006000", "(+1", "unpriced)", "0", "0"]
 
 
 COST_ERA = ("cache_write_tokens", "cost_usd", "cost_details", "price_source")

@@ -227,3 +227,99 @@ def test_a_built_row_carries_its_cost() -> None:
                       provider_id="anthropic", genai_request_timestamp=START)  # fmt: skip
     assert row["cache_write_tokens"] == 200
     assert (row["cost_usd"], row["price_source"]) == (float(want.total_price), SOURCE)
+
+
+# -- which of your prices applies to a row ----------------------------------------------------
+
+MILLION = (1_000_000, 1_000_000)  # a row of a million tokens in and out: cost = input + output
+
+
+@pytest.mark.parametrize(
+    ("row_model", "priced_at"),
+    [
+        ("gpt-4o", 3.0),  # the entry itself
+        ("GPT-4o", 3.0),  # whatever the case
+        ("gpt-4o-2024-08-06", 3.0),  # OpenAI's dated name, as its answers report it
+        ("gpt-4o-20240806", 3.0),
+        ("gpt-4o@20240806", 3.0),  # Vertex AI's form
+        ("gpt-4o-2024-11-20", 30.0),  # its own entry wins over the undated one
+        ("gpt-4o-mini", None),  # a longer name is another model
+        ("gpt-4o-mini-2024-07-18", None),
+        ("gpt-4", None),  # so is a shorter one
+        ("ft:gpt-4o-2024-08-06:acme::AbC123", 7.0),  # a fine-tune: by its whole id only
+        ("ft:gpt-4o-2024-08-06:acme::Other", None),
+        ("gpt-4o-9999", None),  # not a date
+    ],
+)
+def test_own_prices_match_a_model_name_in_any_case_and_without_its_date(
+    row_model: str, priced_at: float | None
+) -> None:
+    own = parse_prices({
+        "gpt-4o": {"input": 1, "output": 2},
+        "GPT-4o-2024-11-20": {"input": 10, "output": 20},
+        "ft:gpt-4o-2024-08-06:acme::AbC123": {"input": 3, "output": 4},
+    })  # fmt: skip
+    cols = row_cost(usage_row(row_model, "acme-private", *MILLION), 0, own)
+    assert (cols.get("cost_usd"), cols.get("price_source")) == (
+        (priced_at, "override") if priced_at is not None else (None, None)
+    )
+
+
+def test_a_dated_name_matches_the_undated_entry_of_its_provider() -> None:
+    own = parse_prices({
+        "claude-sonnet-4-20250514": {"input": 1, "output": 1, "provider": "azure"},
+        "claude-sonnet-4": {"input": 2, "output": 2, "provider": "anthropic"},
+    })  # fmt: skip
+    cols = row_cost(usage_row("claude-sonnet-4-20250514", "anthropic", *MILLION), 0, own)
+    assert (cols["cost_usd"], cols["price_source"]) == (4.0, "override")
+
+
+@pytest.mark.parametrize(
+    ("entry_provider", "row_provider", "applies"),
+    [
+        ("google", "google_genai", True),  # cost_details' provider, LangChain's ls_provider
+        ("google", "google_vertexai", True),  # genai-prices prices both as google
+        ("google_genai", "google_genai", True),
+        ("OpenAI", "openai", True),
+        ("openai", "OPENAI", True),
+        ("aws", "amazon_bedrock", True),
+        ("mistral", "mistralai", True),
+        ("openai", "azure", False),
+        ("google", "anthropic", False),
+        ("openai", None, False),  # a row without a provider: not that provider's
+        ("Acme-Cloud", "acme-cloud", True),  # unknown to genai-prices: its name, any case
+        ("acme-cloud", "acme", False),
+    ],
+)
+def test_the_provider_of_own_prices_matches_any_name_of_that_provider(
+    entry_provider: str, row_provider: str | None, applies: bool
+) -> None:
+    own = parse_prices({"m-1": {"input": 1, "output": 2, "provider": entry_provider}})
+    cols = row_cost(usage_row("m-1", row_provider, *MILLION), 0, own)
+    assert cols.get("price_source") == ("override" if applies else None)
+
+
+def test_a_provider_genai_prices_does_not_know_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="langchain_bq_audit.cost"):
+        AuditSettings(prices={"m": {"input": 1, "output": 1, "provider": "opnai"}})
+        AuditSettings(prices={"m": {"input": 1, "output": 1, "provider": "Google"}})
+        AuditSettings(prices={"m": {"input": 1, "output": 1, "provider": "google_genai"}})
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message.startswith(
+        "prices['m']['provider'] = 'opnai' is no provider genai-prices knows, so the entry "
+        "applies only to rows whose provider is 'opnai' (in any case). Known: anthropic, "
+    )
+    assert ", google, " in message and ", openai, " in message
+
+
+def test_two_names_differing_only_in_case_are_an_error() -> None:
+    with pytest.raises(ValueError) as err:
+        AuditSettings(
+            prices={"Acme-X": {"input": 1, "output": 1}, "acme-x": {"input": 2, "output": 1}}
+        )
+    assert str(err.value) == (
+        "prices: 'Acme-X' and 'acme-x' name the same model (names match whatever their case)"
+    )

@@ -48,6 +48,11 @@ def test_tree_keeps_every_row_once_when_parents_are_missing_repeated_or_cyclic()
 def test_costs_print_in_dollars_and_a_missing_cost_as_a_dash() -> None:
     assert money(None) == "-"
     assert money(0.000153) == "$0.000153"
+    assert money(3_500_000.804465) == "$3,500,000.804465"  # as stats, sessions, trace print it
+    # a sum some model calls are missing from says how many; none priced: unknown, not $0
+    assert money(0.0035, 1) == "$0.003500 (+1 unpriced)"
+    assert money(None, 14) == "- (14 unpriced)"
+    assert money(0.0, 0) == "$0.000000"
     lines = trace_lines([
         run("root", None, 0),
         run("model", "root", 1, run_type="chat_model", total_tokens=30, cost_usd=0.0001),
@@ -66,6 +71,13 @@ def test_costs_print_in_dollars_and_a_missing_cost_as_a_dash() -> None:
     assert [line[:20] for line in trace_lines(deep)[10:]] == [
         " " * 16 + "r8  ", " " * 16 + "r9  ", " " * 16 + "r10 ", " " * 16 + "r11 ",
     ]  # fmt: skip
+    partial = trace_lines([
+        run("root", None, 0),
+        run("gpt", "root", 1, run_type="chat_model", total_tokens=30, cost_usd=0.0035),
+        run("private", "root", 2, run_type="llm", total_tokens=12, cost_usd=None),
+    ])[0]  # fmt: skip
+    assert partial.startswith("trace t: 3 runs, 2 model call(s), 0 error(s), 42 tokens, cost "
+                              "$0.003500 (+1 unpriced); ")  # fmt: skip
     alone = trace_lines([run("root", None, 0)])[0]
     assert alone.startswith("trace t: 1 runs, 0 model call(s), 0 error(s), - tokens, cost -;")
 
@@ -78,3 +90,11 @@ def test_session_lines_show_a_cost_when_a_run_had_one() -> None:
     assert header.split()[0] == "session"
     assert line.split() == ["s-1", "2026-11-30", "12:00:00", "2026-11-30", "12:00:00", "3",
                             "1", "1,234", "$0.002100", "0", "2:", "ana,", "bob"]  # fmt: skip
+
+    partial = {**session, "session_id": "s-2", "cost_usd": 3_500_000.804465, "unpriced_calls": 1}
+    header, line, wide = session_lines([session, partial])
+    assert line.split()[8] == "$0.002100"
+    assert wide.split()[8:11] == ["$3,500,000.804465", "(+1", "unpriced)"]
+    # one column: every cost ends under the end of `cost`
+    ends = {header.index("cost") + 4, line.index("$0.002100") + 9, wide.index("unpriced)") + 9}
+    assert len(ends) == 1
