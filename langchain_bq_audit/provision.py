@@ -210,8 +210,8 @@ def _ensure_view(client: Any, view_id: str, query: str, description: str,
         return "created"
     if view.view_query != query:
         view.view_query = query
-        client.update_table(view, ["view_query"], **opts)
-        if not _has_columns(client, view_id, query, opts):
+        view = client.update_table(view, ["view_query"], **opts)
+        if not _has_columns(client, view, query, opts):
             # the embedded BigQuery keeps a view's old schema on update (real BigQuery
             # recomputes it): made again, the view has the new query's columns
             client.delete_table(view_id, not_found_ok=True, **opts)
@@ -223,11 +223,11 @@ def _ensure_view(client: Any, view_id: str, query: str, description: str,
     return "ok"
 
 
-def _has_columns(client: Any, view_id: str, query: str, opts: dict[str, Any]) -> bool:
-    """True when the view's schema has the columns its query gives (a query of no rows)."""
+def _has_columns(client: Any, view: Any, query: str, opts: dict[str, Any]) -> bool:
+    """True when `view` (as `update_table` returned it) has the columns its query gives
+    (a query of no rows)."""
     from google.cloud import bigquery
 
-    view = client.get_table(view_id, **opts)
     probe = client.query(
         f"SELECT * FROM ({query}) LIMIT 0", job_config=bigquery.QueryJobConfig(), **opts
     ).result(timeout=opts.get("timeout"))

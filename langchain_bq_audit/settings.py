@@ -197,8 +197,7 @@ class AuditSettings:
             object.__setattr__(self, name, tuple(str(v).strip() for v in items if str(v).strip()))
         for name, builtin in (("session_keys", SESSION_KEYS), ("user_keys", USER_KEYS)):
             keys = getattr(self, name)
-            if any(not key.isidentifier() and not key.replace("-", "_").isidentifier()
-                   for key in keys):  # fmt: skip
+            if not all(key.replace("-", "_").isidentifier() for key in keys):
                 raise ValueError(f"{name}: keys are names like chat_id, got {keys!r}")
             # yours first, then the built-in ones (each once): adding a key never loses them
             object.__setattr__(self, name, tuple(dict.fromkeys((*keys, *builtin))))
