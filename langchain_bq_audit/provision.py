@@ -1,8 +1,10 @@
 """Idempotent provisioning from `schema.py`: dataset, table, views, additive migration.
 
-Used by `bq-audit init` and by the writer before its first write. A table made by an older
-version (or by the seed's five-column Pulumi program) gets the missing columns added as
-NULLABLE, leaving its rows alone; a column of the wrong type stops with an error naming it.
+Used by `bq-audit init` and by the writer: the dataset and table before its first write,
+the views after it (`auto_create_views`), so the first rows do not wait for the views. A
+table made by an older version (or by the seed's five-column Pulumi program) gets the
+missing columns added as NULLABLE, leaving its rows alone; a column of the wrong type
+stops with an error naming it.
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ def ensure_table(
     timeout: float = 30.0,
     retry: bool = True,
     digests: bool | None = None,
+    views: bool = True,
 ) -> ProvisionReport:
-    """Create what is missing (dataset, table, views, and the digests table when `digests`,
-    by default when `settings` has a digest key) and migrate an older table.
+    """Create what is missing (dataset, table, with `views` the views, and the digests table
+    when `digests`, by default when `settings` has a digest key) and migrate an older table.
 
     Each request times out after `timeout`; with `retry`, transient errors are retried for
     up to `timeout` too (the writer passes False: its own retry loop bounds the time).
@@ -162,11 +165,25 @@ def ensure_table(
                 "partition a table in place: copy it into a new table to get partitioning"
             )
 
-    for view_id, (query, description) in views.view_queries(full_id).items():
-        report.views[view_id] = _ensure_view(client, view_id, query, description, opts)
+    if views:
+        report.views = _ensure_views(client, full_id, opts)
     if settings.signs_digests if digests is None else digests:
         report.digest_table = _ensure_digest_table(client, settings, opts)
     return report
+
+
+def ensure_views(client: Any, settings: AuditSettings, timeout: float = 30.0) -> dict[str, str]:
+    """Create or update the views of `settings`' table (which must exist): view id ->
+    created/updated/ok. What the writer does after its first write (rows before views)."""
+    opts: dict[str, Any] = {"retry": None, "timeout": timeout}
+    return _ensure_views(client, table_id(client, settings), opts)
+
+
+def _ensure_views(client: Any, full_id: str, opts: dict[str, Any]) -> dict[str, str]:
+    return {
+        view_id: _ensure_view(client, view_id, query, description, opts)
+        for view_id, (query, description) in views.view_queries(full_id).items()
+    }
 
 
 def _ensure_digest_table(client: Any, settings: AuditSettings, opts: dict[str, Any]) -> str:

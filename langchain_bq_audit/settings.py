@@ -25,8 +25,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 # and a later handler asking otherwise is warned about by name (`delivery_differences`).
 # Every other option shapes rows and is each handler's own.
 DELIVERY_OPTIONS = (
-    "location", "sink", "write_api_host", "auto_create", "retention_days", "labels",
-    "batch_rows", "batch_bytes", "batch_age_s", "max_queue_rows", "request_timeout_s",
+    "location", "sink", "write_api_host", "auto_create", "auto_create_views", "retention_days",
+    "labels", "batch_rows", "batch_bytes", "batch_age_s", "max_queue_rows", "request_timeout_s",
     "batch_deadline_s", "shutdown_timeout_s", "max_buffer_bytes", "spool_enabled", "spool_dir",
     "max_spool_bytes", "handle_sigterm", "run_ttl_s", "max_pending_runs", "hash_chain",
     "writer_process",
@@ -50,8 +50,11 @@ class AuditSettings:
     write_api_host: str | None = None
     """`host:port` of an emulator's Storage Write API (gRPC); needed with `emulator_host`."""
     auto_create: bool = True
-    """Create the dataset, table and views on the writer's first write if they are missing,
-    and add columns a table made by an older version lacks."""
+    """Create the dataset and table before the writer's first write if they are missing, and
+    add columns a table made by an older version lacks."""
+    auto_create_views: bool = True
+    """With `auto_create`, also create or update the views (`<table>_dedup`, `_sessions`, ...)
+    once the first rows are written. Off: the views come from `bq-audit init` or Pulumi."""
     retention_days: int | None = None
     """Days a partition (a day of rows) is kept when the table is created; None: forever."""
     labels: str | None = None

@@ -464,6 +464,9 @@ class ThreadChannel:
         if settings.sink == "write_api" and sink is None:
             _require_write_api()
         self._provisioned = sink is not None
+        # views are for readers: made once the first rows are in (see `_make_views`)
+        self._views_pending = sink is None and settings.auto_create and settings.auto_create_views
+        self._views_due = False
         self.destination = destination or destination_id(settings, client)
         self._spool: Spool | None = None
         if settings.spool_enabled:
@@ -715,8 +718,25 @@ class ThreadChannel:
             finally:
                 with self._cond:
                     self._inflight = []
+                if self._views_due and not self._abort.is_set():
+                    self._make_views()  # the rows are in: a flush answered now finds the views
                 for marker in markers:
                     marker.answer(True)
+
+    def _make_views(self) -> None:
+        """Create or update the table's views, once per writer, after its first write (and
+        before the flush waiting for that write is answered). A failure costs no row: one
+        warning, and `bq-audit init` makes them later."""
+        from .provision import ensure_views
+
+        self._views_due = False
+        try:
+            ensure_views(self._client, self.settings, timeout=self.settings.request_timeout_s)
+        except Exception as exc:
+            self._warn("views", f"langchain-bq-audit: the views of {self.destination} were "
+                       f"not made ({type(exc).__name__}: {exc}); the rows are written; make "
+                       "them with `bq-audit init`")  # fmt: skip
+        self._views_pending = False
 
     def _send_wait(self) -> float:
         """Seconds until the buffered rows are due (0: send now). Call with `_cond` held.
@@ -776,9 +796,8 @@ class ThreadChannel:
         if not self._provisioned and self.settings.auto_create:
             from .provision import ensure_table
 
-            ensure_table(
-                self._client, self.settings, timeout=self.settings.request_timeout_s, retry=False
-            )
+            ensure_table(self._client, self.settings, timeout=self.settings.request_timeout_s,
+                         retry=False, views=False)  # fmt: skip
             self._provisioned = True
         return self._sink
 
@@ -830,6 +849,7 @@ class ThreadChannel:
                 self._count("replayed" if replay else "written", written)
                 if written:
                     self.last_write_time = time.time()
+                    self._views_due = self._views_pending
                 if invalid:
                     self._dead_letter([pending[i] for i in invalid], list(invalid.values()), replay)
                 # rows 'stopped' only because a neighbour was invalid are sent again

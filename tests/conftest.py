@@ -22,12 +22,16 @@ from .proxy import FaultProxy
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Tests and the processes they start spool under a folder of this session's own, and
-    never look for Google's metadata server (only loopback traffic leaves a test)."""
+    """Tests and the processes they start spool under a folder of this session's own, never
+    look for Google's metadata server (only loopback traffic leaves a test), and have the
+    writer make the table without its views unless a test asks (`writer_makes_views`)."""
     import os
 
     values = {
         "BQ_AUDIT_SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
+        # six views cost the embedded BigQuery more CPU than the rest of a typical test;
+        # tests that read views, or check what the writer makes, ask (`writer_makes_views`)
+        "BQ_AUDIT_AUTO_CREATE_VIEWS": "false",
         "NO_GCE_CHECK": "true",
         "GCE_METADATA_HOST": "127.0.0.1:9",
         "GCE_METADATA_IP": "127.0.0.1:9",
@@ -121,6 +125,13 @@ def make_handler(bq_client: Any, table_name: str) -> Iterator[Callable[..., BigQ
 
 
 @pytest.fixture
+def writer_makes_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default a user gets: the writer makes the views after its first write (this
+    test's handlers and the processes it starts)."""
+    monkeypatch.setenv("BQ_AUDIT_AUTO_CREATE_VIEWS", "true")
+
+
+@pytest.fixture
 def mocks() -> Iterator[Any]:
     """Pulumi's mock runtime, recording every resource declared (see pulumi_mocks.py)."""
     import asyncio
@@ -160,6 +171,16 @@ def grpc_proxy(emulator: LocalBigQuery) -> Iterator[FaultProxy]:
 def query(client: Any, sql: str, **params: Any) -> list[dict[str, Any]]:
     """Run a query with named parameters and return plain dict rows."""
     return run_query(client, sql, params)
+
+
+def count(client: Any, table: str, dedup: bool = True) -> int:
+    """Rows of `table` (a name in the audit dataset) as a reader sees them: with `dedup`,
+    through the `_dedup` view's query (one row per event id), else every copy."""
+    from langchain_bq_audit.views import dedup as dedup_query
+
+    name = f"{client.project}.language_model_logging.{table}"
+    source = f"({dedup_query(name)})" if dedup else f"`{name}`"
+    return int(query(client, f"SELECT COUNT(*) AS n FROM {source}")[0]["n"])
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

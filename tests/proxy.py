@@ -4,7 +4,9 @@ Modes: `pass` (forward bytes), `reset` (every connection, old and new, is cut wi
 RST), `stall` (connections are accepted and read, but nothing is ever answered), and
 `http` (every HTTP request is answered with `status`, as BigQuery answers 503, 429 or 403,
 on keep-alive connections; `answered` counts them). Switching mode applies to open
-connections too, as a real outage would to a pooled keep-alive socket.
+connections too, as a real outage would to a pooled keep-alive socket. In `pass` mode,
+`refuse(b"...")` answers with `status` each request whose bytes hold that text (one
+kind of request fails, say creating views, while the rest go through).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class FaultProxy:
         self.project = project  # of the BigQuery behind it, for clients through the proxy
         self.mode = "pass"
         self.status = 503
-        self.answered = 0  # requests answered with `status` in `http` mode
+        self.answered = 0  # requests answered with `status` in `http` mode (or refused)
+        self.refused: bytes | None = None
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closing = False
@@ -47,6 +50,11 @@ class FaultProxy:
                 conns = list(self._conns)
             for conn in conns:
                 _reset(conn)
+
+    def refuse(self, marker: bytes | None, status: int = 403) -> None:
+        """In `pass` mode, answer a request whose bytes hold `marker` with `status`
+        (None: forward everything again). A client sends a small request in one write."""
+        self.status, self.refused = status, marker
 
     def close(self) -> None:
         self._closing = True
@@ -91,12 +99,7 @@ class FaultProxy:
                         return
                     data += chunk
                 data = data[length:]
-                code = self.status
-                reason = {403: "accessDenied", 429: "rateLimitExceeded"}.get(code, "backendError")
-                body = json.dumps({"error": {"code": code, "message": f"injected {reason}",
-                                             "errors": [{"reason": reason}]}}).encode()  # fmt: skip
-                head = b"HTTP/1.1 %d Injected\r\nContent-Type: application/json\r\n" % code
-                client.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                client.sendall(_error_response(self.status))
                 self.answered += 1
         except OSError:
             return
@@ -126,6 +129,10 @@ class FaultProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is client and self.refused is not None and self.refused in data:
+                        client.sendall(_error_response(self.status))
+                        self.answered += 1
+                        continue
                     (upstream if sock is client else client).sendall(data)
         except OSError:
             return
@@ -137,6 +144,15 @@ class FaultProxy:
             for sock in (client, upstream):
                 if sock is not None:
                     _reset(sock)
+
+
+def _error_response(code: int) -> bytes:
+    """An HTTP response with `code` and a BigQuery error body."""
+    reason = {403: "accessDenied", 429: "rateLimitExceeded"}.get(code, "backendError")
+    body = json.dumps({"error": {"code": code, "message": f"injected {reason}",
+                                 "errors": [{"reason": reason}]}}).encode()  # fmt: skip
+    head = b"HTTP/1.1 %d Injected\r\nContent-Type: application/json\r\n" % code
+    return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 def _reset(sock: socket.socket) -> None:

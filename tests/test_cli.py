@@ -137,6 +137,7 @@ def test_tail_follow_shows_a_row_written_after_rows_that_ended_later(
         proc.wait(timeout=10)
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_stats_summarizes_the_table_and_the_local_spool(
     emulator, bq_client, make_handler, table_name, tmp_path
 ) -> None:
@@ -255,6 +256,7 @@ def test_trace_prints_the_run_tree_of_one_trace(emulator, bq_client, make_handle
     ]
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_sessions_lists_the_latest_sessions_with_their_totals(
     emulator, bq_client, make_handler, table_name
 ) -> None:

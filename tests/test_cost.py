@@ -95,6 +95,7 @@ def test_each_model_call_is_priced_as_genai_prices_prices_it(make_handler, read_
     }  # fmt: skip
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_views_and_stats_show_the_cost(emulator, bq_client, make_handler, table_name,
                                        read_rows) -> None:  # fmt: skip
     run_calls(make_handler(prices=OWN_PRICES))
@@ -137,6 +138,7 @@ def test_views_and_stats_show_the_cost(emulator, bq_client, make_handler, table_
     assert [(x["session_id"], x["unpriced_calls"]) for x in as_json] == [("s-2", 1), ("s-1", 0)]
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_a_trace_and_its_session_show_a_partial_cost_with_its_unpriced_calls(
     emulator, bq_client, make_handler, table_name, read_rows
 ) -> None:

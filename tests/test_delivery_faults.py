@@ -25,7 +25,7 @@ from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.spool import Spool, read_segment
 
-from .conftest import accounted, assert_accounted, query, remount, wait_for
+from .conftest import accounted, assert_accounted, count, remount, wait_for
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
@@ -35,11 +35,6 @@ def through(proxy: FaultProxy) -> Any:
     from langchain_bq_audit.client import make_client
 
     return make_client(AuditSettings(emulator_host=proxy.host_port, project=proxy.project))
-
-
-def count(bq_client: Any, table: str, view: bool = True) -> int:
-    name = f"{bq_client.project}.{DATASET}.{table}{'_dedup' if view else ''}"
-    return int(query(bq_client, f"SELECT COUNT(*) AS n FROM `{name}`")[0]["n"])
 
 
 def calls(handler: BigQueryAuditHandler, n: int, tag: str = "u", text: str = "q") -> None:
@@ -148,7 +143,7 @@ def test_a_read_only_spool_is_replayed_once_not_forever(
     stats = handler.stats()
     assert stats["replayed"] == 40 and stats["spool_bytes"] == 0
     assert "cannot be removed" in caplog.text and caplog.text.count("cannot be removed") == 1
-    assert count(bq_client, table_name, view=False) == 40
+    assert count(bq_client, table_name, dedup=False) == 40
     handler.close()
 
 

@@ -53,6 +53,7 @@ def run_notebook(tmp_path: Path) -> tuple[str, list[Any], list[str]]:
     return text, data, tables
 
 
+@pytest.mark.usefixtures("writer_makes_views")  # the notebook reads `_dedup`
 def test_quickstart_notebook_runs_and_shows_its_tables_and_plots(tmp_path, monkeypatch) -> None:
     # no project and no running emulator configured: the notebook starts its own
     for var in ("BIGQUERY_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "BQ_AUDIT_PROJECT"):

@@ -118,6 +118,7 @@ def test_rows_carry_the_span_active_at_their_start(
     }
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_nothing_of_opentelemetry_is_imported_when_the_app_does_not_use_it(
     emulator, table_name
 ) -> None:
@@ -179,6 +180,7 @@ class ProviderChatModel(ScriptedChatModel):
         return params
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_the_otel_view_speaks_the_genai_semantic_conventions(
     make_handler, bq_client, table_name, tracer
 ) -> None:
@@ -293,6 +295,7 @@ def supervisor_graph(fail_writer: bool = False) -> Any:
     return graph.compile()
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_which_node_spent_the_tokens(make_handler, read_rows, bq_client, table_name) -> None:
     handler = make_handler()
     supervisor_graph().invoke({"text": "topic"}, config={"callbacks": [handler]})

@@ -56,6 +56,7 @@ def definition_of(table: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_init_the_writer_and_pulumi_build_the_same_table(
     emulator, bq_client, table_name, mocks
 ) -> None:
@@ -178,6 +179,7 @@ def test_a_column_of_the_wrong_type_is_named(emulator, bq_client, table_name, tm
     handler.close(timeout=1)
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_views_answer_from_rows_written_by_the_handler(bq_client, table_name, read_rows) -> None:
     handler = BigQueryAuditHandler(client=bq_client, table=table_name, batch_age_s=0.05)
 
@@ -246,3 +248,44 @@ def test_schema_sql_creates_the_same_table(emulator, bq_client, table_name) -> N
     assert made["time_partitioning"]["field"] == "timestamp"
     assert made["clustering"] == expected["clustering"]
     assert made["description"] == expected["description"]
+
+
+def test_the_writer_makes_the_views_after_its_rows_and_a_view_it_cannot_make_costs_no_row(
+    proxy, bq_client, table_name, read_rows, caplog
+) -> None:
+    from langchain_bq_audit.client import make_client
+    from langchain_bq_audit.settings import AuditSettings
+
+    base = f"{bq_client.project}.{DATASET}.{table_name}"
+    # creating a view is forbidden (403) for this writer; every other request goes through
+    proxy.refuse(b'"view": {', 403)
+    client = make_client(AuditSettings(emulator_host=proxy.host_port, project=proxy.project))
+    handler = BigQueryAuditHandler(client=client, table=table_name, auto_create_views=True)
+    FakeListChatModel(responses=["a"]).invoke("q", config={"callbacks": [handler]})
+    assert handler.flush(timeout=60)  # the row is written, whatever became of the views
+    assert [r["output_text"] for r in read_rows("run_type = 'chat_model'")] == ["a"]
+    assert handler.stats()["written"] == 1
+    assert proxy.answered >= 1  # a view was asked for, after the row
+    assert f"the views of {base} were not made" in caplog.text
+    assert "bq-audit init" in caplog.text
+    handler.close()
+    proxy.refuse(None)
+    # what the warning says to do makes them
+    from langchain_bq_audit.provision import ensure_table
+
+    report = ensure_table(bq_client, AuditSettings(table=table_name))
+    assert set(report.views.values()) == {"created"}
+
+
+def test_auto_create_views_off_makes_the_table_and_no_view(bq_client, table_name) -> None:
+    from google.api_core.exceptions import NotFound
+
+    handler = BigQueryAuditHandler(client=bq_client, table=table_name, auto_create_views=False)
+    FakeListChatModel(responses=["a"]).invoke("q", config={"callbacks": [handler]})
+    assert handler.flush(timeout=60)
+    handler.close()
+    base = f"{bq_client.project}.{DATASET}.{table_name}"
+    assert bq_client.get_table(base).num_rows is not None
+    for view_id in views.view_queries(base):
+        with pytest.raises(NotFound):
+            bq_client.get_table(view_id)

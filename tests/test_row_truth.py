@@ -158,6 +158,7 @@ def ask_human(state: Ticket) -> Ticket:
     return {"answer": interrupt({"question": "Approve refund?"})}
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_a_graph_paused_for_a_human_is_interrupted_not_failed(
     make_handler, read_rows, bq_client, table_name
 ) -> None:

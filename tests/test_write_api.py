@@ -115,6 +115,7 @@ def test_an_invalid_row_is_dead_lettered_and_its_neighbours_written(
 
 
 @pytest.mark.parametrize("fault", ["reset", "stall"])
+@pytest.mark.usefixtures("writer_makes_views")
 def test_write_api_outage_spools_then_replays_every_row(
     fault, grpc_proxy, bq_client, table_name, tmp_path
 ) -> None:

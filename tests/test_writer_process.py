@@ -223,6 +223,7 @@ def test_a_killed_writer_process_is_replaced_and_what_it_held_is_counted(
     handler.close()
 
 
+@pytest.mark.usefixtures("writer_makes_views")
 def test_close_is_bounded_when_the_writer_process_hangs_and_nothing_is_lost(
     emulator, bq_client, table_name, tmp_path
 ) -> None:
