@@ -46,7 +46,7 @@ def run_calls(handler: Any) -> None:
         chat = ProviderChatModel.answer(provider, model, f"answer from {model}", counts)
         chat.invoke(f"ask {model}", config={"callbacks": [handler],
                                             "metadata": {"session_id": session}})  # fmt: skip
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
 
 
 def expected_price(provider: str, model: str, counts: dict[str, Any], start: dt.datetime) -> Any:
@@ -148,7 +148,7 @@ def test_a_trace_and_its_session_show_a_partial_cost_with_its_unpriced_calls(
     chain = chain | StrOutputParser() | ProviderChatModel.answer("openai", "acme-unknown-9", "b",
                                                                  usage(100, 10))  # fmt: skip
     chain.invoke("ask", config={"callbacks": [handler], "metadata": {"session_id": "s-3"}})
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     priced = {r["model_name"]: (r["cost_usd"], r["price_source"]) for r in rows}
     # 1000 in at $2/M and 500 out at $8/M; the private model has no price

@@ -190,7 +190,7 @@ def test_kill_9_loses_at_most_what_was_only_in_memory(
     cfg = lambda i: {"callbacks": [handler], "metadata": {"user_id": str(i)}}
     for i in range(100):
         model.invoke("q", config=cfg(i))
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     for i in range(100, 150):
         model.invoke("q", config=cfg(i))
     print("in-memory", handler.stats()["queued"], flush=True)
@@ -314,10 +314,10 @@ def test_fork_parent_and_child_each_write_their_own_rows_once(
     pid = os.fork()
     if pid == 0:
         call("child", 5)
-        ok = handler.flush(timeout=30)
+        ok = handler.flush(timeout=60)
         os._exit(0 if ok and handler.stats()["written"] == 5 else 3)
     call("parent", 10)
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     _, status = os.waitpid(pid, 0)
     print("child-exit", os.waitstatus_to_exitcode(status), "written", handler.stats()["written"])
     """

@@ -268,7 +268,7 @@ def test_rows_after_the_last_digest_are_reported_unproven_not_proven(
 ) -> None:
     handler = make_handler(digest_key_file=str(key[0]), digest_every_rows=5, digest_every_s=3600)
     write_signed(handler, 7)
-    assert handler.flush(timeout=30)  # not closed: seq 6-7 wait for the next digest
+    assert handler.flush(timeout=60)  # not closed: seq 6-7 wait for the next digest
     wait_for(lambda: len(digests_of(bq_client, table_name)) == 1, 30, "the first digest")
     rows = rows_of(bq_client, table_name)
     rewrite(bq_client, table_name, rows[6], output_text="edited in the window")
@@ -286,7 +286,7 @@ def test_a_digest_is_signed_every_digest_every_s_while_idle(
 ) -> None:
     handler = make_handler(digest_key_file=str(key[0]), digest_every_rows=1000, digest_every_s=0.5)
     write_signed(handler, 2)
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
 
     def signed() -> bool:
         return [(d["first_seq"], d["last_seq"]) for d in digests_of(bq_client, table_name)] == [

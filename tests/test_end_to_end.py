@@ -195,7 +195,7 @@ def test_many_threads_give_every_row_once(make_handler, read_rows) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
 
     rows = read_rows()
     assert len(rows) == 400

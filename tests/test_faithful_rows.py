@@ -419,7 +419,7 @@ def test_strange_values_give_valid_rows(make_handler, read_rows) -> None:
     chain = RunnableLambda(lambda d: d)
     out = chain.invoke(weird, config={"callbacks": [handler], "metadata": {"weird": weird}})
     assert out is not None
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
 
     (row,) = read_rows()
     meta = row["metadata"]["weird"]

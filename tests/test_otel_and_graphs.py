@@ -205,7 +205,7 @@ def test_the_otel_view_speaks_the_genai_semantic_conventions(
         lookup.invoke({"city": "Oslo"}, config={"callbacks": [handler]})
         with pytest.raises(RuntimeError):
             broken.invoke({"city": "Nowhere"}, config={"callbacks": [handler]})
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     view = f"`{bq_client.project}.{DATASET}.{table_name}_otel`"
     names = otel_names
     rows = query(bq_client, f"""
@@ -302,7 +302,7 @@ def test_which_node_spent_the_tokens(make_handler, read_rows, bq_client, table_n
     with pytest.raises(ValueError, match="writer failed"):
         supervisor_graph(fail_writer=True).invoke({"text": "topic"},
                                                   config={"callbacks": [handler]})  # fmt: skip
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     base = f"{bq_client.project}.{DATASET}.{table_name}"
 

@@ -209,7 +209,7 @@ def test_user_ids_are_pseudonymous_and_stable_across_processes(
     handler = BigQueryAuditHandler()
     FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler],
                                                            "metadata": {"user_id": "alice"}})
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     """
     for key in ("key-one", "key-one", "key-two"):
         env = {**os.environ, "BIGQUERY_EMULATOR_HOST": emulator.host_port,

@@ -127,7 +127,7 @@ MODES = ["full", "redacted", "metadata"]
 def test_planted_secrets_never_reach_the_table(make_handler, read_rows, mode: str) -> None:
     handler = make_handler(capture_mode=mode, capture_documents=True)
     plant(handler)
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     rows = read_rows()
     assert len(rows) == ROWS
     assert_absent([t for row in rows for t in strings(row)], f"the table ({mode})")

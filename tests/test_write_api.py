@@ -46,7 +46,7 @@ def test_rows_written_through_the_write_api_equal_insert_all_rows(
                 "metadata": {"user_id": f"u{i}"},
             }
             chain.invoke({"q": f"question {i}"}, config=config)
-        assert handler.flush(timeout=30), handler.stats()
+        assert handler.flush(timeout=60), handler.stats()
         handler.close()
 
     by_sink = {sink: rows_of(bq_client, table) for sink, table in tables.items()}
@@ -136,7 +136,7 @@ def test_write_api_outage_spools_then_replays_every_row(
     for i in range(100, 400):
         call(i)
     started = time.monotonic()
-    assert handler.flush(timeout=30) is False  # BigQuery is away: rows go to disk...
+    assert handler.flush(timeout=60) is False  # BigQuery is away: rows go to disk...
     assert time.monotonic() - started < 10, "each attempt is bounded by the request timeout"
     assert handler.stats()["spooled"] == 300
     grpc_proxy.set_mode("pass")

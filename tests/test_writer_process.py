@@ -83,7 +83,7 @@ def test_rows_from_the_writer_process_equal_rows_from_the_writer_thread(
         RunnableLambda(lambda x: "kept").invoke({"thing": Unpicklable()}, config=config)
         with pytest.raises(LookupFailed):
             RunnableLambda(fail).invoke("o-1", config=config)
-        assert handler.flush(timeout=30), handler.stats()
+        assert handler.flush(timeout=60), handler.stats()
         stats = handler.stats()
         if mode == "process":
             assert stats["writer_process"] not in (None, os.getpid())
@@ -203,14 +203,14 @@ def test_a_killed_writer_process_is_replaced_and_what_it_held_is_counted(
             assert model.invoke("q", config=config).content == "ok"
 
     calls("first", 50)
-    assert handler.flush(timeout=30)
+    assert handler.flush(timeout=60)
     calls("held", 30)
     wait_for(lambda: handler.stats()["handed_over"] == 80, 60, "the writer process to read 80")
     first_pid = handler.stats()["writer_process"]
     os.kill(first_pid, signal.SIGKILL)
     wait_for(lambda: handler.stats()["dropped"] == 30, 30, "the loss to be counted")
     calls("after", 20)  # the app never notices: a new writer process takes the rows
-    assert handler.flush(timeout=30), handler.stats()
+    assert handler.flush(timeout=60), handler.stats()
     stats = handler.stats()
     assert stats["writer_process"] not in (None, first_pid)
     assert stats["written"] == 70 and stats["dropped"] == 30, stats
@@ -271,7 +271,7 @@ def test_writer_process_is_declined_clearly_when_it_cannot_be(
     assert "a client object cannot be passed" in caplog.text
     model = FakeListChatModel(responses=["still written"])
     model.invoke("q", config={"callbacks": [with_client]})
-    assert with_client.flush(timeout=30)
+    assert with_client.flush(timeout=60)
     assert [r["output_text"] for r in rows_of(bq_client, table_name)] == ["still written"]
     with_client.close()
 
@@ -295,7 +295,7 @@ def test_without_a_python_to_start_the_rows_are_written_from_the_app(
     model = FakeListChatModel(responses=["x"])
     for i in range(10):
         model.invoke("q", config={"callbacks": [handler]})
-    ok = handler.flush(timeout=30)
+    ok = handler.flush(timeout=60)
     print(ok, handler.stats()["writer_process"], handler.stats()["written"])
     """
     import json
