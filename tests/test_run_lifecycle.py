@@ -17,12 +17,21 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
+from langchain_bq_audit import BigQueryAuditHandler
+
 from .conftest import accounted, query, wait_for
 
 
 def slow_chain(seconds: float) -> object:
     prompt = ChatPromptTemplate.from_messages([("human", "{q}")])
     return prompt | FakeListChatModel(responses=["late"], sleep=seconds) | StrOutputParser()
+
+
+def model_started(handler: BigQueryAuditHandler) -> bool:
+    """In `slow_chain`: the prompt step has ended and the model call is under way (two
+    pending runs alone could be the chain and its prompt step, on a slow machine)."""
+    stats = handler.stats()
+    return stats["accepted"] >= 1 and stats["pending_runs"] == 2
 
 
 def test_a_model_call_cut_off_by_wait_for_leaves_a_cancelled_row(make_handler, read_rows) -> None:
@@ -33,7 +42,7 @@ def test_a_model_call_cut_off_by_wait_for_leaves_a_cancelled_row(make_handler, r
         # as `asyncio.wait_for(chain.ainvoke(...), t)` with t once the model has started
         # (a fixed t could, on a loaded machine, cut the chain before the model starts)
         call = asyncio.ensure_future(chain.ainvoke({"q": "hi"}, config={"callbacks": [handler]}))  # type: ignore[attr-defined]
-        while handler.stats()["pending_runs"] < 2:  # the chain and its model call
+        while not model_started(handler):
             await asyncio.sleep(0.01)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(call, 0.05)
@@ -79,7 +88,7 @@ def test_runs_in_flight_at_close_are_written_as_abandoned(make_handler, read_row
         daemon=True,
     )
     worker.start()
-    wait_for(lambda: handler.stats()["pending_runs"] == 2, 30, "the chain and model to start")
+    wait_for(lambda: model_started(handler), 30, "the model call to start")
     assert handler.close(timeout=60)
     rows = read_rows("status = 'abandoned'")
     assert sorted(r["run_type"] for r in rows) == ["chain", "chat_model"]
