@@ -10,7 +10,8 @@ handler, the default handler (writer thread) and `writer_process=True`, in inter
 rounds, after a warm-up, and waits untimed for each handler's backlog between rounds. Only
 public API is used (the handler, `flush`, `stats()["queued"]`), so any checkout since the
 writer process exists can be measured. Prints each run's ratios to the no-op (p50 / mean /
-p99) and, per variant, the median over runs of old and new.
+p99), then rows a second written by each writer from the first of 1,000 calls to the last
+row written (`--per-round` x 5 calls), and, per figure, the median over runs of old and new.
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ for mode in ("invoke", "ainvoke"):
                                     q(v, .99) / q(base, .99)]
 for handler in list(handlers.values())[1:]:
     handler.close()
+# throughput: rows a second from the first of `per_round * 5` calls until all are written
+for name, options in (("writer thread", {}), ("writer process", {"writer_process": True})):
+    handler = BigQueryAuditHandler(table=f"cmp_{tag}_{name[7]}x", emulator_host=endpoint,
+                                   **options)
+    timed(handler, 5, "invoke"); settle(handler)  # table made, threads or process started
+    before = handler.stats()["written"]
+    t = time.perf_counter()
+    timed(handler, per_round * 5, "invoke"); settle(handler)
+    rows = handler.stats()["written"] - before
+    result[f"throughput {name}"] = [rows / (time.perf_counter() - t)]
+    handler.close()
 print(json.dumps(result))
 """
 
@@ -114,17 +126,22 @@ def main() -> None:
                 )  # fmt: skip
                 figures = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"run {run + 1} {label} ({figures.pop('package')}):")
-                for name, (p50, mean, p99) in figures.items():
-                    print(f"  {name}: p50 {p50:.2f}x  mean {mean:.2f}x  p99 {p99:.2f}x")
+                for name, values in figures.items():
+                    print(f"  {name}: {cell(name, values)}")
                 results[label].append(figures)
-    print("median over runs, ratio to the no-op (old -> new):")
+    print("median over runs (old -> new):")
     for name in results["new"][0]:
-        cells = []
-        for i, stat in enumerate(("p50", "mean", "p99")):
-            old = statistics.median(r[name][i] for r in results["old"])
-            now = statistics.median(r[name][i] for r in results["new"])
-            cells.append(f"{stat} {old:.2f} -> {now:.2f}x")
-        print(f"  {name}: " + ", ".join(cells))
+        old = [statistics.median(r[name][i] for r in results["old"]) for i in range(3)
+               if len(results["old"][0][name]) > i]  # fmt: skip
+        now = [statistics.median(r[name][i] for r in results["new"]) for i in range(len(old))]
+        print(f"  {name}: {cell(name, old)}  ->  {cell(name, now)}")
+
+
+def cell(name: str, values: list[float]) -> str:
+    """A run's figures as text: ratios to the no-op (p50, mean, p99) or rows a second."""
+    if name.startswith("throughput"):
+        return f"{values[0]:,.0f} rows/s"
+    return "  ".join(f"{s} {v:.2f}x" for s, v in zip(("p50", "mean", "p99"), values, strict=True))
 
 
 if __name__ == "__main__":
