@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import json.scanner
 import re
 import threading
 import uuid
@@ -84,7 +85,36 @@ def _float(text: str) -> int | float:
 
 # Made once: `json.loads` with options builds a new decoder on every call. NaN and
 # Infinity (which json reads, and a redactor's output could hold) as `ExactFloat`s too.
-_DECODE = json.JSONDecoder(parse_float=_float, parse_constant=lambda c: ExactFloat(c)).decode
+_DECODER = json.JSONDecoder(parse_float=_float, parse_constant=lambda c: ExactFloat(c))
+_DECODE = _DECODER.decode
+# The decoder's own scanner, called directly: `decode` adds two whitespace matches and two
+# Python calls (half its cost on a short text), needed only for text that starts or ends
+# with whitespace, which the writer's compact JSON never does.
+_SCAN = json.scanner.make_scanner(_DECODER)
+_MAX_KEPT = 2048  # characters of a JSON text whose parsed value is kept
+_parsed: dict[str, Any] = {}  # JSON text -> its value: metadata, params recur in every row
+
+
+def _json_value(text: str) -> Any:
+    """`_DECODE(text)`, for a JSON column's text. Values are shared between calls: the
+    canonical form only reads them."""
+    value = _parsed.get(text, _parsed)
+    if value is not _parsed:
+        return value
+    if text and text[0] in "[{" and text[-1] in "]}":  # no whitespace around it
+        try:
+            value, end = _SCAN(text, 0)
+        except (StopIteration, ValueError):  # not JSON: `decode` raises its own error
+            end = -1
+        if end != len(text):
+            value = _DECODE(text)
+    else:
+        value = _DECODE(text)
+    if len(text) <= _MAX_KEPT:
+        if len(_parsed) >= 512:  # bounded; a process sees few metadata and params texts
+            _parsed.clear()
+        _parsed[text] = value
+    return value
 
 
 def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
@@ -93,30 +123,39 @@ def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
     `json_parsed`: JSON columns hold parsed values (as read back from BigQuery) rather than
     the JSON text the writer sends.
     """
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        if type(value) is str:  # most columns: only timestamps and JSON text change
-            if key in _CONVERTED:
-                if key in _TIMESTAMPS:
-                    value = _micros(value)
-                elif not json_parsed:
-                    value = _DECODE(value)
-                    if value is None or value == []:  # read back as NULL: both sides agree
-                        continue
+    # Strings (most columns) are visited only when they are timestamps or JSON text: one
+    # Python branch per column costs more than the encoding and the hash together.
+    out = dict(row)
+    out.pop("row_hash", None)
+    for key in [k for k, v in out.items() if type(v) is not str and k not in _CONVERTED]:
+        value = out[key]
+        if value is None or value == []:
+            del out[key]
+        elif type(value) is float:  # the only scalar _norm changes
+            out[key] = _norm(value)
+        elif type(value) is int and key in _STRINGS:  # BigQuery stores it as its digits
+            out[key] = str(value)
+    for key in _CONVERTED.intersection(out):
+        value = out[key]
+        if type(value) is str:
+            if key in _TIMESTAMPS:
+                out[key] = _micros(value)
+                continue
+            if json_parsed:
+                continue
+            value = _json_value(value)
         elif value is None or value == []:
+            del out[key]
             continue
         elif key in _TIMESTAMPS:
-            value = _micros(value)
-        elif key in JSON_COLUMNS:
+            out[key] = _micros(value)
+            continue
+        else:
             value = _norm(value) if json_parsed else _DECODE(value)
-            if value is None or value == []:
-                continue
-        elif type(value) is float:  # the only scalar _norm changes
-            value = _norm(value)
-        elif type(value) is int and key in _STRINGS:  # BigQuery stores it as its digits
-            value = str(value)
-        out[key] = value
-    out.pop("row_hash", None)
+        if value is None or value == []:  # read back as NULL: both sides agree
+            del out[key]
+        else:
+            out[key] = value
     return sorted_json(out)
 
 
