@@ -74,6 +74,21 @@ def sorted_json(value: Any) -> bytes:
     return _SORTED(value).encode("utf-8", "surrogatepass")
 
 
+def plain_json(value: Any) -> str | None:
+    """`value` (dicts with `str` keys, lists, tuples, `str`s, ints within 64 bits, floats
+    `exact_float` leaves alone, bools, None: builtins, not subclasses) as compact JSON text
+    with non-ASCII kept: exactly `json.dumps(value, separators=(",", ":"),
+    ensure_ascii=False)`. None where orjson is missing or refuses the value (a lone
+    surrogate, a subclass): the caller encodes it with `json`."""
+    dumps = _orjson_dumps if _loaded else _load()
+    if dumps is None:
+        return None
+    try:
+        return dumps(value, option=_COMPACT_OPTS).decode()
+    except TypeError:
+        return None
+
+
 def compact_json(value: Any) -> bytes:
     """`value` (plain dicts, lists, strings, numbers) as compact JSON, UTF-8: the same JSON
     values as `json.dumps(value)` (floats with an exponent may be spelled `1e-05` or

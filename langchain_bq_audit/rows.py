@@ -23,6 +23,7 @@ from uuid import UUID
 
 from .context import SESSION_KEYS, USER_KEYS
 from .cost import row_cost
+from .jsoncodec import plain_json
 from .records import RunRecord, is_graph_bubble_up
 from .redact import REMOVED, capture, is_secret_key, may_hold_secret_key, redact_row
 from .schema import JSON_COLUMNS
@@ -256,6 +257,48 @@ def dumps(value: Any) -> str:
     except (TypeError, ValueError, RecursionError):
         text = _ENCODE(to_jsonable(value))
     return clean_text(text)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """True when `to_jsonable(value)` gives `value` back (the same JSON) and `plain_json`
+    writes it as `dumps` does: builtin containers within the depth and size limits, keys
+    that are `str`s and not secret-looking, text that is not media, ints within a double's
+    53 bits, floats `exact_float` leaves alone."""
+    kind = type(value)
+    if kind is str:
+        return (len(value) < _MEDIA_MIN_CHARS and not value.startswith("data:")) or (
+            media_text(value) is None
+        )
+    if kind is dict:
+        if depth >= _MAX_DEPTH or len(value) > _MAX_ITEMS:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or is_secret_key(key) or not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        if depth >= _MAX_DEPTH or len(value) > _MAX_ITEMS:
+            return False
+        for item in value:  # noqa: SIM110 (a plain loop: `all()` costs a generator)
+            if not _plain(item, depth + 1):
+                return False
+        return True
+    if value is None or kind is bool:
+        return True
+    if kind is int:
+        return -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
+    if kind is float:  # finite, and written without an exponent (see `exact_float`)
+        return 1e-4 <= abs(value) < 1e16 or value == 0.0
+    return False
+
+
+def json_column(value: Any) -> str:
+    """`dumps(to_jsonable(value))`: a JSON column's text. Values `to_jsonable` would give
+    back unchanged (most: metadata, params, messages) skip its copy and are encoded by
+    orjson, with the same text."""
+    if _plain(value):
+        return plain_json(value) or dumps(value)
+    return dumps(to_jsonable(value))
 
 
 # -- messages and text ------------------------------------------------------------------------
@@ -603,13 +646,13 @@ def _model_row(rec: RunRecord, row: dict[str, Any], settings: AuditSettings) -> 
         meta.get("ls_provider"), response_meta.get("model_provider"), params.get("_type")
     )
     if params:
-        row["invocation_params"] = dumps(to_jsonable(params))
+        row["invocation_params"] = json_column(params)
 
     if rec.run_type == "chat_model":
         batches = rec.inputs or []
         first = batches[0] if batches else []
         row["input_text"] = messages_text(first)
-        row["input_messages"] = dumps(to_jsonable([message_dict(m) for m in first]))
+        row["input_messages"] = json_column([message_dict(m) for m in first])
     else:
         row["input_text"] = "\n\n".join(text_value(str(p)) for p in (rec.inputs or []))
 
@@ -617,10 +660,10 @@ def _model_row(rec: RunRecord, row: dict[str, Any], settings: AuditSettings) -> 
         gens = response.generations[0]
         if message is not None:
             row["output_text"] = content_text(message.content)
-            row["output_messages"] = dumps(to_jsonable([message_dict(g.message) for g in gens]))
+            row["output_messages"] = json_column([message_dict(g.message) for g in gens])
             calls = getattr(message, "tool_calls", None)
             if calls:
-                row["tool_calls"] = dumps(to_jsonable([_tool_call(c) for c in calls]))
+                row["tool_calls"] = json_column([_tool_call(c) for c in calls])
         else:
             row["output_text"] = str(gen.text)
             row["output_messages"] = dumps([{"text": str(g.text)} for g in gens])
@@ -748,7 +791,7 @@ def error_text(error: BaseException) -> str:
         if isinstance(arg, (list, tuple)) and arg and all(hasattr(i, "value") for i in arg):
             values = [i.value for i in arg]  # Interrupt(value=..., id=...)
             arg = values[0] if len(values) == 1 else values
-        return dumps(to_jsonable(arg))
+        return json_column(arg)
     return str(error) or type(error).__name__
 
 
@@ -835,7 +878,7 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         row["time_to_first_token_ms"] = round((rec.first_token_time - rec.start_time) * 1000, 3)
     metadata = _metadata(rec)
     if metadata:
-        row["metadata"] = dumps(to_jsonable(metadata))
+        row["metadata"] = json_column(metadata)
         if "langgraph_node" in metadata or "checkpoint_ns" in metadata:  # inside a graph
             _graph_columns(metadata, row)
     status = row["status"]
@@ -845,8 +888,8 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         row["input_text"] = render(rec.inputs)
         docs = list(rec.outputs or [])
         row["output_text"] = f"{len(docs)} documents"
-        row["output_messages"] = dumps(
-            to_jsonable([_document(d, settings.capture_documents) for d in docs])
+        row["output_messages"] = json_column(
+            [_document(d, settings.capture_documents) for d in docs]
         )
     else:
         row["input_text"] = render(rec.inputs)
