@@ -90,7 +90,7 @@ _DECODE = _DECODER.decode
 # The decoder's own scanner, called directly: `decode` adds two whitespace matches and two
 # Python calls (half its cost on a short text), needed only for text that starts or ends
 # with whitespace, which the writer's compact JSON never does.
-_SCAN = json.scanner.make_scanner(_DECODER)
+_SCAN = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]
 _MAX_KEPT = 2048  # characters of a JSON text whose parsed value is kept
 _parsed: dict[str, Any] = {}  # JSON text -> its value: metadata, params recur in every row
 

@@ -35,6 +35,8 @@ _MAX_ITEMS = 10_000  # items kept of one list or dict in JSON columns
 _MAX_EXACT_INT = 2**53
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 _class_attrs: dict[tuple[type, str], bool] = {}  # (message type, attribute): on the class?
+_model_lacks: dict[tuple[type, str], bool] = {}  # (type, attribute): see `_getattr`
+_MISSING = object()
 _id_text: dict[UUID, str] = {}  # a trace's ids recur in its other rows (parent, trace)
 _DEFAULT_SETTINGS = AuditSettings()
 _CANCELLED = (asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
@@ -286,9 +288,9 @@ def _plain(value: Any, depth: int = 0) -> bool:
     if value is None or kind is bool:
         return True
     if kind is int:
-        return -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
+        return bool(-_MAX_EXACT_INT <= value <= _MAX_EXACT_INT)
     if kind is float:  # finite, and written without an exponent (see `exact_float`)
-        return 1e-4 <= abs(value) < 1e16 or value == 0.0
+        return bool(1e-4 <= abs(value) < 1e16 or value == 0.0)
     return False
 
 
@@ -305,7 +307,42 @@ def json_column(value: Any) -> str:
 
 
 def _is_message(value: Any) -> bool:
-    return hasattr(value, "content") and isinstance(getattr(value, "type", None), str)
+    return _getattr(value, "content", _MISSING) is not _MISSING and isinstance(
+        _getattr(value, "type", None), str
+    )
+
+
+def _getattr(obj: Any, name: str, default: Any) -> Any:
+    """`getattr(obj, name, default)`, without the exception pydantic's `__getattr__` raises
+    (a few microseconds) when a model lacks `name`, as a `ChatPromptValue` lacks `content`
+    and `type`: then neither its type (nor its private attributes), its `__dict__` nor its
+    extra fields hold `name`, which is what that `__getattr__` looks at. Other objects and
+    names go to `getattr`."""
+    kind = type(obj)
+    lacks = _model_lacks.get((kind, name))
+    if lacks is None:
+        if len(_model_lacks) >= 4096:  # bounded; a process sees few types
+            _model_lacks.clear()
+        lacks = _model_lacks[kind, name] = _pydantic_lacks(kind, name)
+    if lacks and name not in obj.__dict__:
+        extra = getattr(obj, "__pydantic_extra__", None)
+        if not extra or name not in extra:
+            return default
+    return getattr(obj, name, default)
+
+
+def _pydantic_lacks(kind: type, name: str) -> bool:
+    """True when `kind` is a pydantic model (its attribute lookup pydantic's own) whose
+    class has no attribute `name` and no private attribute of that name."""
+    hook = getattr(kind, "__getattr__", None)
+    return (
+        getattr(hook, "__module__", None) == "pydantic.main"
+        and getattr(hook, "__qualname__", None) == "BaseModel.__getattr__"
+        and kind.__getattribute__ is object.__getattribute__  # type: ignore[comparison-overlap]
+        and isinstance(getattr(kind, "__private_attributes__", None), dict)
+        and name not in kind.__private_attributes__  # type: ignore[attr-defined]
+        and not hasattr(kind, name)
+    )
 
 
 def _part_placeholder(part: Mapping[str, Any]) -> dict[str, Any]:
@@ -756,7 +793,7 @@ def run_status(rec: RunRecord) -> str:
 
 
 def _is_error_tool_message(value: Any) -> bool:
-    return getattr(value, "type", None) == "tool" and getattr(value, "status", None) == "error"
+    return _getattr(value, "type", None) == "tool" and getattr(value, "status", None) == "error"
 
 
 def returned_error(value: Any) -> tuple[str, str] | None:
@@ -893,7 +930,7 @@ def _build(rec: RunRecord, settings: AuditSettings) -> dict[str, Any]:
         )
     else:
         row["input_text"] = render(rec.inputs)
-        row["output_text"] = render(getattr(rec.outputs, "content", rec.outputs))
+        row["output_text"] = render(_getattr(rec.outputs, "content", rec.outputs))
     if rec.error is not None:
         row["error_type"] = type(rec.error).__name__
         row["error_message"] = error_text(rec.error)
