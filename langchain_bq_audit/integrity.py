@@ -123,39 +123,30 @@ def canonical(row: Mapping[str, Any], json_parsed: bool = False) -> bytes:
     `json_parsed`: JSON columns hold parsed values (as read back from BigQuery) rather than
     the JSON text the writer sends.
     """
-    # Strings (most columns) are visited only when they are timestamps or JSON text: one
-    # Python branch per column costs more than the encoding and the hash together.
-    out = dict(row)
-    out.pop("row_hash", None)
-    for key in [k for k, v in out.items() if type(v) is not str and k not in _CONVERTED]:
-        value = out[key]
-        if value is None or value == []:
-            del out[key]
-        elif type(value) is float:  # the only scalar _norm changes
-            out[key] = _norm(value)
-        elif type(value) is int and key in _STRINGS:  # BigQuery stores it as its digits
-            out[key] = str(value)
-    for key in _CONVERTED.intersection(out):
-        value = out[key]
-        if type(value) is str:
-            if key in _TIMESTAMPS:
-                out[key] = _micros(value)
-                continue
-            if json_parsed:
-                continue
-            value = _json_value(value)
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if type(value) is str:  # most columns: only timestamps and JSON text change
+            if key in _CONVERTED:
+                if key in _TIMESTAMPS:
+                    value = _micros(value)
+                elif not json_parsed:
+                    value = _json_value(value)
+                    if value is None or value == []:  # read back as NULL: both sides agree
+                        continue
         elif value is None or value == []:
-            del out[key]
             continue
         elif key in _TIMESTAMPS:
-            out[key] = _micros(value)
-            continue
-        else:
+            value = _micros(value)
+        elif key in JSON_COLUMNS:
             value = _norm(value) if json_parsed else _DECODE(value)
-        if value is None or value == []:  # read back as NULL: both sides agree
-            del out[key]
-        else:
-            out[key] = value
+            if value is None or value == []:
+                continue
+        elif type(value) is float:  # the only scalar _norm changes
+            value = _norm(value)
+        elif type(value) is int and key in _STRINGS:  # BigQuery stores it as its digits
+            value = str(value)
+        out[key] = value
+    out.pop("row_hash", None)
     return sorted_json(out)
 
 
