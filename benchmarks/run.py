@@ -349,13 +349,14 @@ def dispatch(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, 
     return out
 
 
-def captured_records(n: int) -> list[Any]:
-    """Finished-run records of real chain calls, caught before the writer sees them."""
+def captured_records(n: int, chain_name: str = "small") -> list[Any]:
+    """Finished-run records of real chain calls (`chains()[chain_name]`), caught before the
+    writer sees them."""
     handler = BigQueryAuditHandler(table="bench_capture", emulator_host="127.0.0.1:9",
                                    spool_enabled=False, handle_sigterm=False)  # fmt: skip
     records: list[RunRecord] = []
     handler._submit = records.append  # the benchmark keeps the records instead of writing them
-    chain, inputs = chains()["small"]
+    chain, inputs = chains()[chain_name]
     while len(records) < n:
         chain.invoke(inputs, config={"callbacks": [handler]})
     return records[:n]

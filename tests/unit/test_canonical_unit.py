@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from langchain_bq_audit import jsoncodec
+from langchain_bq_audit import integrity, jsoncodec
 from langchain_bq_audit.integrity import canonical, row_hash
 from langchain_bq_audit.jsoncodec import compact_json, exact_float, sorted_json
 from langchain_bq_audit.sinks.insert_all import request_body
@@ -172,3 +172,29 @@ def test_rows_hold_plain_strings() -> None:
 
     text = AIMessage("ok").text
     assert type(render(text)) is str and render(text) == "ok"
+
+
+def _shape(value: Any) -> Any:
+    """`value` with every scalar's type next to it (an `ExactFloat` is not a float)."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return type(value).__name__, repr(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(JSONISH)
+def test_a_json_column_is_parsed_as_the_decoder_parses_it(value: Any) -> None:
+    """The canonical form's fast parse (scanner, values kept per text) against `decode`,
+    also for text around which `decode` skips whitespace, and for text it refuses."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for variant in (text, f" {text}\n", f"[{text}]", f"{text}x", text[:-1]):
+        try:
+            expected = integrity._DECODE(variant)
+        except ValueError as exc:
+            with pytest.raises(type(exc)):
+                integrity._json_value(variant)
+            continue
+        for _ in range(2):  # parsed, then kept
+            assert _shape(integrity._json_value(variant)) == _shape(expected)

@@ -12,18 +12,26 @@ import uuid
 from typing import Any
 
 import numpy as np
+import pydantic
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.prompt_values import ChatPromptValue
 from langgraph.errors import GraphInterrupt, ParentCommand
 from langgraph.types import Command, Interrupt
 
 from langchain_bq_audit.integrity import canonical
 from langchain_bq_audit.records import RunRecord
 from langchain_bq_audit.rows import (
+    _getattr,
+    _plain,
     build_row,
     content_parts,
+    dumps,
     ident_text,
+    json_column,
     media_text,
     new_event_id,
     render,
@@ -209,3 +217,66 @@ def test_a_timestamp_hashes_the_same_in_every_rfc3339_spelling() -> None:
     spellings = ["2026-11-30T10:00:00.000001Z", "2026-11-30T10:00:00.000001+00:00",
                  "2026-11-30 10:00:00.000001"]  # fmt: skip
     assert len({_micros(s) for s in spellings}) == 1
+
+
+# -- fast paths: the same values as the general code ------------------------------------------
+
+KEYS = st.sampled_from(["q", "api_key", "apiKey", "max_tokens", "content", "é", ""]) | st.text()
+SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats()
+    | st.text(st.characters(codec=None), max_size=8)  # lone surrogates too
+    | st.sampled_from(["data:image/png;base64,iVBORw0KGgo=", BLOB, "x" * 1500, "\u2028\x00\x7f"])
+)  # fmt: skip
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(KEYS, inner, max_size=4)
+    | st.dictionaries(st.integers(0, 3), inner, max_size=2),
+    max_leaves=16,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALUES)
+def test_a_json_column_is_dumps_of_to_jsonable(value: Any) -> None:
+    """`json_column`'s fast path (no copy, orjson) writes what the general path writes:
+    secret-looking keys, media, big ints, floats with exponents, NaN, lone surrogates,
+    tuples and int keys included."""
+    assert json_column(value) == dumps(to_jsonable(value))
+
+
+def test_a_json_column_past_the_limits_is_cut_as_before() -> None:
+    deep: Any = "leaf"
+    for _ in range(40):
+        deep = {"k": [deep]}
+    long_list = list(range(10_001))
+    for value in (deep, long_list, {"a": long_list}, {str(i): i for i in range(10_001)}):
+        assert not _plain(value)
+        assert json_column(value) == dumps(to_jsonable(value))
+    # what rows hold most: metadata, params, messages take the fast path
+    metadata = {"ls_provider": "openai", "temperature": 0.7, "stop": None, "n": [1, 2.5]}
+    assert _plain(metadata) and json_column(metadata) == dumps(to_jsonable(metadata))
+
+
+class _Extra(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow")
+    _private: str = pydantic.PrivateAttr(default="p")
+    field: int = 1
+
+    @property
+    def shown(self) -> str:
+        return "property"
+
+
+def test_a_pydantic_models_missing_attribute_is_what_getattr_gives() -> None:
+    """`_getattr` skips pydantic's raising `__getattr__` only where it would raise."""
+    prompt = ChatPromptValue(messages=[AIMessage("hi")])
+    extra = _Extra(content="from extras")  # type: ignore[call-arg]
+    objects = [prompt, AIMessage("hi"), extra, _Extra(), {"content": 1}, "text", None]
+    names = ["content", "type", "messages", "_private", "field", "shown", "status", "nope"]
+    for obj in objects:
+        for name in names:
+            for _ in range(2):  # the type's answer is kept after the first
+                assert _getattr(obj, name, "<missing>") == getattr(obj, name, "<missing>")
+    assert _getattr(prompt, "content", "<missing>") == "<missing>"
+    assert _getattr(extra, "content", None) == "from extras"
