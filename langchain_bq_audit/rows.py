@@ -468,7 +468,13 @@ def text_value(text: str) -> str:
 def json_text(value: Any) -> str:
     """Compact JSON of any value with media replaced by placeholders and the values of
     secret-looking keys removed at any depth; never raises."""
-    text = dumps(value)  # the fast path: most values hold no media and no secret-looking key
+    if _plain(value):  # nothing to replace or remove (what `to_jsonable` would find)
+        return plain_json(value) or dumps(value)
+    try:
+        text = _ENCODE(value)  # most values hold no media and no secret-looking key
+    except (TypeError, ValueError, RecursionError):  # converted anyway: as the check redoes
+        return dumps(to_jsonable(value))
+    text = clean_text(text)
     if (len(text) > 64 and ("data:" in text or _BASE64_RUN.search(text))) or (
         may_hold_secret_key(text)  # `to_jsonable` checks every key
     ):

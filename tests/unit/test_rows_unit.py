@@ -6,6 +6,7 @@ import base64
 import decimal
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -24,6 +25,7 @@ from langgraph.types import Command, Interrupt
 
 from langchain_bq_audit.integrity import canonical
 from langchain_bq_audit.records import RunRecord
+from langchain_bq_audit.redact import KEY_MARKERS
 from langchain_bq_audit.rows import (
     _getattr,
     _plain,
@@ -32,6 +34,7 @@ from langchain_bq_audit.rows import (
     dumps,
     ident_text,
     json_column,
+    json_text,
     media_text,
     new_event_id,
     render,
@@ -243,6 +246,25 @@ def test_a_json_column_is_dumps_of_to_jsonable(value: Any) -> None:
     secret-looking keys, media, big ints, floats with exponents, NaN, lone surrogates,
     tuples and int keys included."""
     assert json_column(value) == dumps(to_jsonable(value))
+
+
+def _json_text_before(value: Any) -> str:
+    """`json_text` as it was before its fast paths: the oracle for them."""
+    text = dumps(value)
+    if (len(text) > 64 and ("data:" in text or re.search("[A-Za-z0-9+/_-]{1024}", text))) or (
+        any(m in text.lower() for m in KEY_MARKERS)
+    ):
+        text = dumps(to_jsonable(value))
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALUES, st.sampled_from([None, AIMessage("hi"), object()]))
+def test_json_text_is_what_it_was(value: Any, other: Any) -> None:
+    """`render`'s JSON of dicts and other values: plain values, values with messages or
+    unknown objects inside (converted by `to_jsonable`), secret keys, media."""
+    for case in (value, {"x": value, "m": other}, [other, value]):
+        assert json_text(case) == _json_text_before(case)
 
 
 def test_a_json_column_past_the_limits_is_cut_as_before() -> None:
