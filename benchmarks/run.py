@@ -8,8 +8,10 @@ Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB message
 `writer_process=True`, interleaved rounds), row building alone (no network), insertAll and
 Storage Write API throughput from submit to committed rows (batch sizes swept), and memory
 over many calls. It starts its own embedded BigQuery.
-`--only rows,sinks` runs some sections (import, otel, hot, pauses, dispatch, floor, rows,
-sinks, memory; `otel`: the cost of reading the current OpenTelemetry span at a run's start;
+`--only rows,sinks` runs some sections (import, otel, hot, pauses, short, dispatch, floor,
+rows, sinks, memory; `short`: what the writer process costs a script of 10 calls, start
+to exit, against the writer thread; `otel`: the cost of reading the current OpenTelemetry
+span at a run's start;
 `pauses`: the longest stall the writer causes, a tight loop of quick calls with the default
 handler against a no-op, p50/p99/max per call; then the same loop while the writer
 builds the rows of one call holding `--pause-mb` MB of text to redact, and with
@@ -444,6 +446,74 @@ def large_pauses_report(
     return out
 
 
+_SHORT_SCRIPT = """
+import sys, time
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_bq_audit import BigQueryAuditHandler
+endpoint, project, writer, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+handler = BigQueryAuditHandler(table="bench_short_" + writer, emulator_host=endpoint,
+                               project=project, writer_process=writer == "process")
+chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
+         | FakeListChatModel(responses=["ok"]) | StrOutputParser())
+start = time.perf_counter()
+for _ in range(calls):
+    chain.invoke({"q": "hi"}, config={"callbacks": [handler]})
+print(time.perf_counter() - start, handler.stats()["writer_process"] or 0, flush=True)
+"""
+
+
+def short_script(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
+    """What the writer process costs a short script: a child process that imports the
+    package, makes a handler, runs `calls` quick calls and exits (the exit drain writes its
+    rows), with the writer thread and with the writer process, alternately. Wall time from
+    start to exit, time after the last call, and CPU time of the script and (Linux) of its
+    writer process, which this process adopts as a subreaper to read it."""
+    import ctypes
+
+    adopts = sys.platform == "linux" and ctypes.CDLL(None).prctl(36, 1) == 0  # SUBREAPER
+    got: dict[str, dict[str, list[float]]] = {
+        writer: {"wall": [], "exit": [], "cpu": []} for writer in ("thread", "process")
+    }
+    for writer in got:  # the tables, made untimed
+        subprocess.run([sys.executable, "-c", _SHORT_SCRIPT, bq.endpoint, bq.project, writer,
+                        "1"], check=True, capture_output=True)  # fmt: skip
+    for round_ in range(rounds):
+        for writer in list(got) if round_ % 2 == 0 else list(got)[::-1]:
+            start = time.perf_counter()
+            argv = [sys.executable, "-c", _SHORT_SCRIPT, bq.endpoint, bq.project, writer,
+                    str(calls)]  # fmt: skip
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            printed = time.perf_counter()
+            _, _, usage = os.wait4(proc.pid, 0)
+            proc.returncode = 0  # reaped above
+            cpu = usage.ru_utime + usage.ru_stime
+            child = int(line[1])
+            if child and adopts:
+                try:  # the writer process, once the script is gone
+                    _, _, usage = os.wait4(child, 0)
+                    cpu += usage.ru_utime + usage.ru_stime
+                except ChildProcessError:  # reaped by the script itself
+                    pass
+            end = time.perf_counter()
+            got[writer]["wall"].append(end - start)
+            got[writer]["exit"].append(end - printed)
+            got[writer]["cpu"].append(cpu)
+    out = []
+    for writer, figures in got.items():
+        med = {key: statistics.median(values) for key, values in figures.items()}
+        out.append((f"short script, {calls} calls, writer {writer} (median of {rounds})",
+                    f"start to exit {med['wall']:.2f} s, after the last call "
+                    f"{med['exit']:.2f} s, CPU {med['cpu']:.2f} s"))  # fmt: skip
+    ratio = {key: statistics.median(got["process"][key]) / statistics.median(got["thread"][key])
+             for key in ("wall", "cpu")}  # fmt: skip
+    out.append(("  process / thread", f"wall {ratio['wall']:.2f}x CPU {ratio['cpu']:.2f}x"))
+    return out
+
+
 def dispatch(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
     """The same audit handler called by LangChain three ways, against a no-op inline one.
 
@@ -644,7 +714,7 @@ def main() -> None:
                         help="pauses: also run the large-call variant with the package of "
                         "this checkout (e.g. a git worktree of main), alternately")  # fmt: skip
     parser.add_argument("--only",
-                        default="import,otel,hot,pauses,dispatch,floor,rows,sinks,memory",
+                        default="import,otel,hot,pauses,short,dispatch,floor,rows,sinks,memory",
                         help="sections")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -663,6 +733,8 @@ def main() -> None:
         if "pauses" in only:
             results += pauses(client, args.rounds, args.pause_calls)
             results += large_pauses_report(bq, args.rounds, args.pause_mb, args.against)
+        if "short" in only:
+            results += short_script(bq, args.rounds, 10)
         if "dispatch" in only:
             results += dispatch(bq, args.rounds, args.per_round)
         if "floor" in only:
