@@ -8,10 +8,15 @@ Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB message
 `writer_process=True`, interleaved rounds), row building alone (no network), insertAll and
 Storage Write API throughput from submit to committed rows (batch sizes swept), and memory
 over many calls. It starts its own embedded BigQuery.
-`--only rows,sinks` runs some sections (import, otel, hot, pauses, dispatch, floor, rows,
-sinks, memory; `otel`: the cost of reading the current OpenTelemetry span at a run's start;
+`--only rows,sinks` runs some sections (import, otel, hot, pauses, short, dispatch, floor,
+rows, sinks, memory; `short`: what the writer process costs a script of 10 calls, start
+to exit, against the writer thread; `otel`: the cost of reading the current OpenTelemetry
+span at a run's start;
 `pauses`: the longest stall the writer causes, a tight loop of quick calls with the default
-handler against a no-op, p50/p99/max per call);
+handler against a no-op, p50/p99/max per call; then the same loop while the writer
+builds the rows of one call holding `--pause-mb` MB of text to redact, and with
+`--against TREE` that variant also with another checkout's package, e.g. a git worktree of
+main, in child processes alternately);
 `floor` is the no-op chain with the emulator's CPU idle and busy: what work on the other CPU
 costs the measured one on this machine; `dispatch` is how LangChain calls the handler in
 async code (inline, through its thread pool, or awaited in the loop: see handler._no_hop).
@@ -312,6 +317,203 @@ def pauses(client: Any, rounds: int, calls: int) -> list[tuple[str, str]]:
     return out
 
 
+def large_text(chars: int) -> str:
+    """About `chars` characters of prose with e-mail addresses, phone numbers and keys in
+    it (one word in 200 is one), the same text on every call."""
+    import random
+
+    rng = random.Random(1)
+    words = ["lorem", "ipsum", "dolor", "sit", "amet", "elit", "sed", "do", "tempor"]
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        pick = rng.random()
+        if pick < 0.002:
+            word = f"user{rng.randint(1, 999)}@example.com"
+        elif pick < 0.003:
+            word = "sk-" + "A" * 30
+        elif pick < 0.004:
+            word = "+1 415 555 0123"
+        elif pick < 0.005:
+            word = "api_key=abcdef123456"
+        else:
+            word = rng.choice(words)
+        out.append(word)
+        size += len(word) + 1
+    return " ".join(out)
+
+
+def large_pauses(
+    endpoint: str, project: str, rounds: int, megabytes: float
+) -> dict[str, list[float]]:
+    """What a tight loop of quick calls (the small chain, a no-op handler) sees while the
+    writer thread builds the rows of one call whose prompt holds `megabytes` MB of text to
+    redact (`capture_mode="redacted"`): per round, a *busy* block (that call, then quick
+    calls until the writer has no row queued) and a *quiet* block of as many calls without
+    it, the order rotated every round. Seconds per call, by block kind."""
+    audit = BigQueryAuditHandler(table="bench_pauses_large", emulator_host=endpoint,
+                                 project=project, capture_mode="redacted")  # fmt: skip
+    quick, quick_inputs = chains()["small"]
+    model = FakeListChatModel(responses=["noted, write to ops@example.com"])
+    big = ChatPromptTemplate.from_messages([("human", "{q}")]) | model | StrOutputParser()
+    text = large_text(int(megabytes * 1_000_000))
+    noop_cfg: RunnableConfig = {"callbacks": [Noop()]}
+    times: dict[str, list[float]] = {"quiet": [], "busy": [], "build_s": []}
+    timed_calls(quick, quick_inputs, Noop(), 200, "invoke")  # warm up
+    big.invoke({"q": "warm up"}, config={"callbacks": [audit]})
+    settle(audit)
+    calls = 0
+    for round_ in range(rounds):
+        for kind in ("busy", "quiet") if round_ % 2 == 0 else ("quiet", "busy"):
+            out = times[kind]
+            if kind == "quiet":
+                out += timed_calls(quick, quick_inputs, Noop(), max(calls, 2000), "invoke")
+                continue
+            start = time.perf_counter()
+            big.invoke({"q": text}, config={"callbacks": [audit]})
+            done = 0
+            while True:  # until the writer has built and sent the big call's rows
+                for _ in range(100):
+                    begin = time.perf_counter()
+                    quick.invoke(quick_inputs, config=noop_cfg)
+                    out.append(time.perf_counter() - begin)
+                done += 100
+                if audit.stats()["queued"] == 0:
+                    break
+            times["build_s"].append(time.perf_counter() - start)
+            calls = max(calls, done)
+            settle(audit)
+    audit.close()
+    return times
+
+
+_LARGE_CHILD = """
+import importlib.util, json, sys
+import langchain_bq_audit
+assert langchain_bq_audit.__file__.startswith(sys.argv[2]), langchain_bq_audit.__file__
+spec = importlib.util.spec_from_file_location("bench_run", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(json.dumps(module.large_pauses(sys.argv[3], sys.argv[4], 1, float(sys.argv[5]))))
+"""
+
+
+def _pause_line(values: list[float]) -> str:
+    return (f"p50 {pct(values, .5) * 1e6:.0f} us p99 {pct(values, .99) * 1e3:.1f} ms "
+            f"max {max(values) * 1e3:.1f} ms")  # fmt: skip
+
+
+def large_pauses_report(
+    bq: LocalBigQuery, rounds: int, megabytes: float, against: str | None
+) -> list[tuple[str, str]]:
+    """`large_pauses` here, or with `against` (a checkout of another version, e.g. a git
+    worktree of main) in child processes, that package and this one alternately, one round
+    each at a time, so that both see the same load."""
+    label = f"tight loop while the writer builds a {megabytes:g} MB prompt's rows (redacted)"
+    if against is None:
+        got = {"this tree": large_pauses(bq.endpoint, bq.project, rounds, megabytes)}
+    else:
+        import json
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        trees = {"baseline": os.path.abspath(against), "this tree": here}
+        got = {name: {"quiet": [], "busy": [], "build_s": []} for name in trees}
+        for round_ in range(rounds):
+            order = list(trees) if round_ % 2 == 0 else list(trees)[::-1]
+            for name in order:
+                # that tree's package; this file's benchmark, loaded by path in both
+                env = dict(os.environ, PYTHONPATH=trees[name])
+                argv = [sys.executable, "-c", _LARGE_CHILD, os.path.abspath(__file__),
+                        trees[name], bq.endpoint, bq.project, str(megabytes)]  # fmt: skip
+                result = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                        check=True, cwd=tempfile.gettempdir())  # fmt: skip
+                for key, values in json.loads(result.stdout.splitlines()[-1]).items():
+                    got[name][key] += values
+    out = []
+    for name, times in got.items():
+        quiet, busy = times["quiet"], times["busy"]
+        build = times["build_s"]
+        out.append((f"{label}, {name}", f"busy {_pause_line(busy)}; quiet {_pause_line(quiet)}"))
+        out.append((f"  {name}: busy / quiet",
+                    f"p99 {pct(busy, .99) / pct(quiet, .99):.2f}x "
+                    f"max {max(busy) / max(quiet):.2f}x; "
+                    f"writer busy {min(build):.1f}-{max(build):.1f} s a call"))  # fmt: skip
+    if len(got) == 2:
+        base, this = got["baseline"]["busy"], got["this tree"]["busy"]
+        out.append(("  this tree / baseline, busy",
+                    f"p99 {pct(this, .99) / pct(base, .99):.2f}x "
+                    f"max {max(this) / max(base):.2f}x"))  # fmt: skip
+    return out
+
+
+_SHORT_SCRIPT = """
+import sys, time
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_bq_audit import BigQueryAuditHandler
+endpoint, project, writer, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+handler = BigQueryAuditHandler(table="bench_short_" + writer, emulator_host=endpoint,
+                               project=project, writer_process=writer == "process")
+chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
+         | FakeListChatModel(responses=["ok"]) | StrOutputParser())
+start = time.perf_counter()
+for _ in range(calls):
+    chain.invoke({"q": "hi"}, config={"callbacks": [handler]})
+print(time.perf_counter() - start, handler.stats()["writer_process"] or 0, flush=True)
+"""
+
+
+def short_script(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
+    """What the writer process costs a short script: a child process that imports the
+    package, makes a handler, runs `calls` quick calls and exits (the exit drain writes its
+    rows), with the writer thread and with the writer process, alternately. Wall time from
+    start to exit, time after the last call, and CPU time of the script and (Linux) of its
+    writer process, which this process adopts as a subreaper to read it."""
+    import ctypes
+
+    adopts = sys.platform == "linux" and ctypes.CDLL(None).prctl(36, 1) == 0  # SUBREAPER
+    got: dict[str, dict[str, list[float]]] = {
+        writer: {"wall": [], "exit": [], "cpu": []} for writer in ("thread", "process")
+    }
+    for writer in got:  # the tables, made untimed
+        subprocess.run([sys.executable, "-c", _SHORT_SCRIPT, bq.endpoint, bq.project, writer,
+                        "1"], check=True, capture_output=True)  # fmt: skip
+    for round_ in range(rounds):
+        for writer in list(got) if round_ % 2 == 0 else list(got)[::-1]:
+            start = time.perf_counter()
+            argv = [sys.executable, "-c", _SHORT_SCRIPT, bq.endpoint, bq.project, writer,
+                    str(calls)]  # fmt: skip
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            printed = time.perf_counter()
+            _, _, usage = os.wait4(proc.pid, 0)
+            proc.returncode = 0  # reaped above
+            cpu = usage.ru_utime + usage.ru_stime
+            child = int(line[1])
+            if child and adopts:
+                try:  # the writer process, once the script is gone
+                    _, _, usage = os.wait4(child, 0)
+                    cpu += usage.ru_utime + usage.ru_stime
+                except ChildProcessError:  # reaped by the script itself
+                    pass
+            end = time.perf_counter()
+            got[writer]["wall"].append(end - start)
+            got[writer]["exit"].append(end - printed)
+            got[writer]["cpu"].append(cpu)
+    out = []
+    for writer, figures in got.items():
+        med = {key: statistics.median(values) for key, values in figures.items()}
+        out.append((f"short script, {calls} calls, writer {writer} (median of {rounds})",
+                    f"start to exit {med['wall']:.2f} s, after the last call "
+                    f"{med['exit']:.2f} s, CPU {med['cpu']:.2f} s"))  # fmt: skip
+    ratio = {key: statistics.median(got["process"][key]) / statistics.median(got["thread"][key])
+             for key in ("wall", "cpu")}  # fmt: skip
+    out.append(("  process / thread", f"wall {ratio['wall']:.2f}x CPU {ratio['cpu']:.2f}x"))
+    return out
+
+
 def dispatch(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
     """The same audit handler called by LangChain three ways, against a no-op inline one.
 
@@ -507,8 +709,13 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=400)
     parser.add_argument("--pause-calls", type=int, default=2000,
                         help="calls per block in the pauses section")  # fmt: skip
+    parser.add_argument("--pause-mb", type=float, default=1.0,
+                        help="MB of text in the large call of the pauses section")  # fmt: skip
+    parser.add_argument("--against", default=None, metavar="TREE",
+                        help="pauses: also run the large-call variant with the package of "
+                        "this checkout (e.g. a git worktree of main), alternately")  # fmt: skip
     parser.add_argument("--only",
-                        default="import,otel,hot,pauses,dispatch,floor,rows,sinks,memory",
+                        default="import,otel,hot,pauses,short,dispatch,floor,rows,sinks,memory",
                         help="sections")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -526,6 +733,9 @@ def main() -> None:
             results += hot_path(client, bq, args.rounds, args.per_round)
         if "pauses" in only:
             results += pauses(client, args.rounds, args.pause_calls)
+            results += large_pauses_report(bq, args.rounds, args.pause_mb, args.against)
+        if "short" in only:
+            results += short_script(bq, args.rounds, 10)
         if "dispatch" in only:
             results += dispatch(bq, args.rounds, args.per_round)
         if "floor" in only:

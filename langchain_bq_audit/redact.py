@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .schema import JSON_COLUMNS
@@ -94,26 +94,28 @@ def may_hold_secret_key(text: str) -> bool:
 # `a\\nsk-...` there, and `\b` sees no word boundary between the `n` and the `s`).
 # Formats adapted from gitleaks' rules (MIT) and Nosey Parker's (Apache-2.0).
 _START = r"(?:(?<!\w)|(?<=\\[nrtbf]))"
-_SECRETS = re.compile(
-    "|".join(
-        (
-            # a private key block, to its end (or the end of the text, when cut)
-            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE"
-            r" KEY-----|$)",
-            _START + r"sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{20,}",  # OpenAI, Anthropic
-            _START + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe
-            _START + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})",  # GitHub
-            _START + r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
-            r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{20,}",
-            _START + r"AIza[0-9A-Za-z_\-]{35}",  # Google API key
-            _START + r"ya29\.[0-9A-Za-z_\-]{20,}",  # Google OAuth access token
-            _START + r"GOCSPX-[0-9A-Za-z_\-]{20,}",  # Google OAuth client secret
-            _START + r"hf_[A-Za-z0-9]{30,}",  # Hugging Face
-            _START + r"(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
-            _START + r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
-        )
+# a private key block, to its end (or the end of the text, when cut)
+_KEY_HEADER = r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----"
+_KEY_FOOTER = r"-----END [A-Z0-9 ]*PRIVATE KEY-----"
+_TOKENS = "|".join(
+    (
+        _START + r"sk-(?:ant-|proj-)?[A-Za-z0-9_\-]{20,}",  # OpenAI, Anthropic
+        _START + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe
+        _START + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})",  # GitHub
+        _START + r"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
+        r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/_\-]{20,}",
+        _START + r"AIza[0-9A-Za-z_\-]{35}",  # Google API key
+        _START + r"ya29\.[0-9A-Za-z_\-]{20,}",  # Google OAuth access token
+        _START + r"GOCSPX-[0-9A-Za-z_\-]{20,}",  # Google OAuth client secret
+        _START + r"hf_[A-Za-z0-9]{30,}",  # Hugging Face
+        _START + r"(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
+        _START + r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",  # JWT
     )
 )
+_SECRETS = re.compile(f"{_KEY_HEADER}[\\s\\S]*?(?:{_KEY_FOOTER}|$)|{_TOKENS}")
+_KEY_HEADER_AT = re.compile(_KEY_HEADER)
+_KEY_FOOTER_AT = re.compile(_KEY_FOOTER)
+_TOKENS_AT = re.compile(_TOKENS)
 # `Bearer x`, `Basic x`, `token x` (HTTP Authorization schemes), a credential of any length;
 # matched where `_replace_at` finds the scheme.
 _AUTH_HEADER = re.compile(_START + r"(bearer|basic|token)(\s+)([A-Za-z0-9._~+/=\-]+)", re.I)
@@ -300,7 +302,7 @@ def remove_secrets(text: str) -> str:
     if not _may_hold_secret(text):
         return text
     if _has_pattern_marker(text):
-        text = _SECRETS.sub(SECRET, text)
+        text = _sub_secrets(text)
     lowered = text.lower()
     for scheme in _MARKERS_ANY_CASE:
         if scheme in lowered:
@@ -311,6 +313,110 @@ def remove_secrets(text: str) -> str:
     if ":" in text or "=" in text:
         return _remove_assigned(text, text.lower())
     return text
+
+
+# -- bounded scans ------------------------------------------------------------------------------
+# A regex call holds the interpreter lock from start to end: `_SECRETS.sub` over 4 MB of text
+# runs for seconds, and the application's threads wait all that time. Long text is scanned in
+# calls over about `SCAN_CHUNK` characters each (a few ms at most), with the same result as
+# one call: a chunk ends just after a *barrier*, a character that no match of the pattern
+# can hold (every class it consumes excludes it; it has no `$`, no empty match, and its
+# lookaheads test one character), so no match spans two chunks and every attempt inside a
+# chunk sees exactly what it would see in the whole text (lookbehinds see before `pos`). A
+# stretch with no barrier at all (a megabyte of one word) is still scanned in one call.
+
+#: Characters a bounded scan covers in one regex call, before it looks for a barrier.
+SCAN_CHUNK = 4096
+
+
+def iter_bounded(
+    pattern: re.Pattern[str], barrier: re.Pattern[str], text: str, pos: int = 0
+) -> Iterator[re.Match[str]]:
+    """`pattern.finditer(text, pos)`, match for match, in regex calls over about
+    `SCAN_CHUNK` characters each. `barrier` matches one character no match of `pattern`
+    can hold (see above); the result is the same for any chunk size."""
+    size = len(text)
+    while pos < size:
+        end = size
+        at = pos + SCAN_CHUNK
+        while at < size:
+            cut = barrier.search(text, at, at + SCAN_CHUNK)
+            if cut is not None:
+                end = cut.end()  # the barrier inside the chunk: a lookahead sees it
+                break
+            at += SCAN_CHUNK
+        yield from pattern.finditer(text, pos, end)
+        pos = end
+
+
+def bounded_sub(
+    pattern: re.Pattern[str],
+    barrier: re.Pattern[str],
+    replace: str | Callable[[re.Match[str]], str],
+    text: str,
+) -> str:
+    """`pattern.sub(replace, text)` in bounded calls (`iter_bounded`); a `replace` string is
+    taken literally (no group references)."""
+    if len(text) <= SCAN_CHUNK:
+        return pattern.sub(replace, text)
+    out: list[str] = []
+    done = 0
+    for match in iter_bounded(pattern, barrier, text):
+        out += (text[done : match.start()], replace if isinstance(replace, str) else replace(match))
+        done = match.end()
+    return "".join(out) + text[done:] if out else text
+
+
+# Barriers: a character outside every class the pattern consumes.
+_TOKENS_BARRIER = re.compile(r"[^A-Za-z0-9_\-+/.:]")
+_KEY_FOOTER_BARRIER = re.compile(r"[^A-Z0-9 \-]")
+_EMAIL_BARRIER = re.compile(r"[^A-Za-z0-9._%+\-@]")
+_CARD_BARRIER = re.compile(r"[^\d \-]")
+_PHONE_BARRIER = re.compile(r"[^\d+() .\-]")
+
+
+def _key_block(text: str, pos: int) -> tuple[int, int] | None:
+    """Where `_SECRETS`' private-key alternative matches first at or after `pos`: the
+    header, then up to the first footer, or to `$` (the end, before a final newline)."""
+    at = text.find("-----BEGIN", pos)
+    while at >= 0:
+        header = _KEY_HEADER_AT.match(text, at)
+        if header is not None:
+            for footer in iter_bounded(_KEY_FOOTER_AT, _KEY_FOOTER_BARRIER, text, header.end()):
+                return at, footer.end()
+            return at, len(text) - 1 if text.endswith("\n") else len(text)
+        at = text.find("-----BEGIN", at + 1)
+    return None
+
+
+def _sub_secrets(text: str) -> str:
+    """`_SECRETS.sub(SECRET, text)` in bounded calls. The private-key alternative, which
+    can hold any character, is found apart (`_key_block`); it comes first in `_SECRETS`, so
+    it wins where a token would start at the same place, and a token already under way
+    when a block starts keeps going, as in one call."""
+    if len(text) <= SCAN_CHUNK:
+        return _SECRETS.sub(SECRET, text)
+    out: list[str] = []
+    done = pos = 0
+    while True:
+        block = _key_block(text, pos)
+        stop = len(text) if block is None else block[0]
+        overran = False
+        for match in iter_bounded(_TOKENS_AT, _TOKENS_BARRIER, text, pos):
+            if match.start() >= stop:
+                break
+            out += (text[done : match.start()], SECRET)
+            done = match.end()
+            overran = done > stop  # the block's header is inside this token: no block
+            if overran:
+                break
+        if overran:
+            pos = done
+            continue
+        if block is None:
+            return "".join(out) + text[done:] if out else text
+        out += (text[done : block[0]], SECRET)
+        done = pos = block[1]
 
 
 def luhn_ok(digits: str) -> bool:
@@ -336,9 +442,9 @@ def _phone(match: re.Match[str]) -> str:
 
 def redact_personal(text: str) -> str:
     """Replace e-mail addresses, card numbers (Luhn-checked) and phone numbers."""
-    text = _EMAIL.sub("[EMAIL]", text)
-    text = _CARD.sub(_card, text)
-    return _PHONE.sub(_phone, text)
+    text = bounded_sub(_EMAIL, _EMAIL_BARRIER, "[EMAIL]", text)
+    text = bounded_sub(_CARD, _CARD_BARRIER, _card, text)
+    return bounded_sub(_PHONE, _PHONE_BARRIER, _phone, text)
 
 
 def pseudonym(user_id: str, key: str) -> str:

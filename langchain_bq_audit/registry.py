@@ -11,9 +11,11 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from .settings import AuditSettings
@@ -31,7 +33,8 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
     """The shared writer for `settings`' destination (and `client`, when one is given).
 
     With `writer_process` it runs in a child process, unless that cannot be: a `client`
-    object or a redactor that cannot be pickled stays in this process (with a warning).
+    object or a redactor that cannot be pickled stays in this process (with a warning);
+    left on auto (None), `auto_writer_process` decides.
     """
     key = (*settings.destination, id(client) if client is not None else None)
     writer = _writers.get(key)
@@ -56,18 +59,58 @@ def get_writer(settings: AuditSettings, client: Any = None) -> Writer:
     return writer
 
 
+#: Modules of long-lived servers (ASGI/WSGI servers, LangGraph's API server): when one is
+#: imported, the application serves calls for hours, not seconds.
+SERVER_MODULES = ("uvicorn", "gunicorn", "hypercorn", "granian", "daphne", "waitress",
+                  "langgraph_api")  # fmt: skip
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, where the OS tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def auto_writer_process(
+    modules: Mapping[str, Any] | None = None, cpus: int | None = None
+) -> str | None:
+    """Why `writer_process=None` (auto) keeps the writer thread here, or None to use the
+    writer process. The process pays off in a long-lived server with a CPU to spare: it
+    takes the writer's CPU off the application's interpreter lock (the p99 and mean of
+    quick calls, README Performance). A short script only pays for it (a second interpreter,
+    about 0.5 s of CPU, and the drain at exit through the pipe), a notebook restarts its
+    kernel, and with one CPU the child takes the same core. `modules`: `sys.modules`;
+    `cpus`: `usable_cpus()`."""
+    modules = sys.modules if modules is None else modules
+    if "ipykernel" in modules:
+        return "a notebook"
+    if not any(name in modules for name in SERVER_MODULES):
+        return f"not a long-lived server (none of {', '.join(SERVER_MODULES)} imported)"
+    if (usable_cpus() if cpus is None else cpus) < 2:
+        return "one CPU: a writer process would take the application's"
+    from .writer_process import interpreter_problem
+
+    return interpreter_problem()
+
+
 def _new_writer(settings: AuditSettings, client: Any) -> Writer:
-    if not settings.writer_process:
+    if settings.writer_process is False:
         return Writer(settings, client)
     import pickle
 
-    why = "a client object cannot be passed to another process" if client is not None else ""
+    why = "a client object cannot be passed to another process" if client is not None else None
     if not why:
         try:
             pickle.dumps(settings)
         except Exception as exc:  # a lambda among the redactors, say
             why = f"its settings cannot be pickled ({exc!r})"
-    if why:
+    if settings.writer_process is None:  # auto: the thread unless the process pays off
+        why = why or auto_writer_process()
+        if why:
+            logger.debug("langchain-bq-audit: writer thread (writer_process auto): %s", why)
+            return Writer(settings.replace(writer_process=False), client)
+    elif why:
         logger.warning("langchain-bq-audit: writer_process is ignored: %s", why)
         return Writer(settings.replace(writer_process=False), client)
     from .writer_process import ProcessWriter

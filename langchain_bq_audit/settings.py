@@ -143,12 +143,17 @@ class AuditSettings:
     """Your own prices, over genai-prices', for private or fine-tuned models: `{model_name:
     {"input": 3, "output": 15, "cache_read": 0.3, "cache_write": 3.75, "provider": "openai"}}`
     in USD per million tokens (JSON from the environment); `provider` is optional."""
-    writer_process: bool = False
-    """Build and send rows in a child process, off the application's GIL: for apps whose
-    own CPU time is short next to their prompts (long histories, fast models, busy loops)."""
+    writer_process: bool | None = None
+    """Build and send rows in a child process, off the application's GIL (True), in a
+    thread of this process (False), or None (`auto`, also from the environment): the
+    process for a long-lived server with a spare CPU, else the thread (see
+    `registry.auto_writer_process`)."""
 
     def __post_init__(self) -> None:
         self._check_volume()
+        if isinstance(self.writer_process, str):  # "auto", "true", "0"...: as from the env
+            object.__setattr__(self, "writer_process", _parse("writer_process", "bool | None",
+                                                              self.writer_process))  # fmt: skip
         if self.prices is not None:  # checked now: a bad price is a clear error here, not later
             from .cost import parse_prices
 
@@ -298,11 +303,13 @@ def _parse(name: str, type_name: str, raw: str) -> Any:
     try:
         if type_name.startswith("bool"):
             lowered = raw.strip().lower()
+            if lowered == "auto" and "None" in type_name:  # None: the library decides
+                return None
             if lowered in TRUE_WORDS:
                 return True
             if lowered in _FALSE:
                 return False
-            raise ValueError("expected true/false")
+            raise ValueError("expected true/false" + (" or auto" if "None" in type_name else ""))
         if type_name.startswith("int"):
             return int(raw)
         if type_name.startswith("float"):

@@ -155,6 +155,15 @@ def _dumps(items: list[Any]) -> bytes:
 # -- the application's side ----------------------------------------------------------------------
 
 
+def interpreter_problem() -> str | None:
+    """Why this process cannot start a writer process with `sys.executable`, or None."""
+    executable = os.path.basename(sys.executable or "").lower()
+    if getattr(sys, "frozen", False) or not executable.startswith(("python", "pypy")):
+        # a frozen app or an embedding server would start another copy of itself
+        return f"sys.executable {sys.executable!r} is not a Python interpreter"
+    return None
+
+
 class ProcessWriter(Writer):
     """A `Writer` whose runs cross to a writer in a child process (`ProcessChannel`)."""
 
@@ -357,10 +366,9 @@ class ProcessChannel:
         return True
 
     def _spawn(self) -> None:
-        executable = os.path.basename(sys.executable or "").lower()
-        if getattr(sys, "frozen", False) or not executable.startswith(("python", "pypy")):
-            # a frozen app or an embedding server would start another copy of itself
-            raise RuntimeError(f"sys.executable {sys.executable!r} is not a Python interpreter")
+        problem = interpreter_problem()
+        if problem:
+            raise RuntimeError(problem)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ)

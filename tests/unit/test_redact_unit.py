@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -117,3 +119,92 @@ def test_every_credential_shape_is_removed_and_passes_the_prefilter(
     text = before + shape + after
     assert redact._may_hold_secret(text), text
     assert secret not in redact.remove_secrets(text), text
+
+
+# -- bounded scans: long text in short regex calls, with the result of one call --------------
+
+# Pieces that make matches, near-matches and every barrier kind, so that a cut between chunks
+# falls inside, beside and between them.
+PIECES = (
+    "sk-", "sk-proj-", "A" * 25, "AKIA", "ABCDEFGHIJKLMNOP", "ghp_", "b" * 40, "eyJ",
+    "abcdefgh", "hooks.slack.com/services/", "https://", "ya29.", "_", ".", ":", "/", "-",
+    "-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----", "\n", " ", "\\n",
+    "a@b.co", "x.y@ex-ample.com", "4111 1111 1111 1111", "+1 (415) 555-0123", "12", "9", "é",
+)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(text=st.lists(st.sampled_from(PIECES), max_size=40).map("".join),
+       chunk=st.integers(min_value=1, max_value=16))  # fmt: skip
+def test_bounded_scans_give_what_one_call_gives(text: str, chunk: int) -> None:
+    """The oracle is the regex run once over the whole text (what the module did before)."""
+    from langchain_bq_audit import redact
+
+    whole = {
+        "secrets": redact._SECRETS.sub(redact.SECRET, text),
+        "email": redact._EMAIL.sub("[EMAIL]", text),
+        "card": redact._CARD.sub(redact._card, text),
+        "phone": redact._PHONE.sub(redact._phone, text),
+    }
+    saved = redact.SCAN_CHUNK
+    redact.SCAN_CHUNK = chunk
+    try:
+        assert redact._sub_secrets(text) == whole["secrets"]
+        email = redact.bounded_sub(redact._EMAIL, redact._EMAIL_BARRIER, "[EMAIL]", text)
+        assert email == whole["email"]
+        card = redact.bounded_sub(redact._CARD, redact._CARD_BARRIER, redact._card, text)
+        assert card == whole["card"]
+        phone = redact.bounded_sub(redact._PHONE, redact._PHONE_BARRIER, redact._phone, text)
+        assert phone == whole["phone"]
+    finally:
+        redact.SCAN_CHUNK = saved
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # each match crosses the first chunk's end (SCAN_CHUNK is 8 here)
+        ("write to bob.smith@example.com today", "write to [EMAIL] today"),
+        ("key sk-proj-abcdefghijklmnopqrstuvwxyz0123 ok", "key [SECRET] ok"),
+        ("card 4111 1111 1111 1111 ok", "card [CARD] ok"),
+        ("call +1 (415) 555-0123 now", "call [PHONE] now"),
+        ("id AKIAABCDEFGHIJKLMNOP.", "id [SECRET]."),
+        # a key block with no footer runs to the end (before a final newline), as in one call
+        ("a -----BEGIN PRIVATE KEY-----\nMIIE abc\nmore\n", "a [SECRET]\n"),
+        ("a -----BEGIN PRIVATE KEY-----\nM\n-----END PRIVATE KEY----- b", "a [SECRET] b"),
+        # a token under way when a key header starts swallows the header, as in one call
+        ("sk-" + "a" * 25 + "-----BEGIN RSA PRIVATE KEY----- x", "[SECRET] RSA PRIVATE KEY----- x"),
+    ],
+)
+def test_a_match_across_a_chunk_boundary_is_replaced_whole(
+    monkeypatch: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    from langchain_bq_audit import redact
+
+    monkeypatch.setattr(redact, "SCAN_CHUNK", 8)
+    assert redact.redact_personal(redact.remove_secrets(text)) == expected
+
+
+class _Recording:
+    """A compiled pattern that records the span of text each regex call may read."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.spans: list[int] = []
+
+    def finditer(self, text: str, pos: int, endpos: int) -> Iterator[re.Match[str]]:
+        self.spans.append(endpos - pos)
+        return self.pattern.finditer(text, pos, endpos)
+
+
+def test_long_text_is_scanned_in_calls_of_bounded_size() -> None:
+    """4 MB of prose: no regex call reads more than two chunks (a chunk, then up to the next
+    barrier), and the matches are those of one call."""
+    from langchain_bq_audit import redact
+
+    text = "write to ann@example.com or bob@example.org, " * 90_000
+    recording = _Recording(redact._EMAIL)
+    found = list(redact.iter_bounded(recording, redact._EMAIL_BARRIER, text))  # type: ignore[arg-type]
+    assert [m.span() for m in found] == [m.span() for m in redact._EMAIL.finditer(text)]
+    assert len(recording.spans) > len(text) // redact.SCAN_CHUNK // 2
+    assert max(recording.spans) <= 2 * redact.SCAN_CHUNK
