@@ -27,6 +27,18 @@ def setup_refused(code: int | None, detail: str) -> ConfigurationError:
     return ConfigurationError(f"{what} ({detail}); {IAM_HINT}")
 
 
+# What local-bigquery answers (HTTP 400 / gRPC INVALID_ARGUMENT) when two writers' DuckLake
+# transactions collide: a conflict that the next attempt resolves, not a bad request. Real
+# BigQuery never says it, so only the embedded emulator's answers are affected.
+_TRANSIENT_CONFLICTS = ("Failed to commit DuckLake transaction",)
+
+
+def is_transient_conflict(message: str) -> bool:
+    """True when a request refused as bad is in fact the local BigQuery's write conflict
+    (retry it; dead-lettering would keep good rows out of the table)."""
+    return any(text in message for text in _TRANSIENT_CONFLICTS)
+
+
 class TableMissingError(Exception):
     """The destination table (or dataset) does not exist."""
 

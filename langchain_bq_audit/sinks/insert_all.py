@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..jsoncodec import compact_json
-from .base import PermanentError, RetryableError, TableMissingError, setup_refused
+from .base import (
+    PermanentError,
+    RetryableError,
+    TableMissingError,
+    is_transient_conflict,
+    setup_refused,
+)
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 _SETUP_STATUS = {401, 403}  # not authenticated, permission denied: spool, do not retry
@@ -67,7 +73,7 @@ class InsertAllSink:
             raise TableMissingError(str(exc)) from exc
         except gexc.GoogleAPICallError as exc:
             code = getattr(exc, "code", None)
-            if code in _RETRYABLE_STATUS or code is None:
+            if code in _RETRYABLE_STATUS or code is None or is_transient_conflict(str(exc)):
                 raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
             if code in _SETUP_STATUS:
                 raise setup_refused(code, f"{type(exc).__name__}: {exc}") from exc
@@ -83,11 +89,16 @@ class InsertAllSink:
 
 
 def _row_errors(errors: list[dict[str, Any]]) -> dict[int, str]:
-    """insertAll per-row errors -> {index: message}; 'stopped' rows map to '' (retry them)."""
+    """insertAll per-row errors -> {index: message}; 'stopped' rows, and rows refused only by
+    the local BigQuery's write conflict, map to '' (retry them)."""
     out: dict[int, str] = {}
     for entry in errors or ():
         reasons = entry.get("errors") or []
-        real = [e for e in reasons if e.get("reason") not in ("stopped", None)]
+        real = [
+            e for e in reasons
+            if e.get("reason") not in ("stopped", None)
+            and not is_transient_conflict(str(e.get("message") or ""))
+        ]  # fmt: skip
         if real:
             out[int(entry["index"])] = "; ".join(
                 f"{e.get('reason')}: {e.get('location') or ''} {e.get('message') or ''}".strip()

@@ -23,6 +23,7 @@ from .base import (
     PermanentError,
     RetryableError,
     TableMissingError,
+    is_transient_conflict,
     setup_refused,
 )
 
@@ -202,7 +203,7 @@ def _failure(code: int | None, message: str) -> Exception:
         return TableMissingError(message)
     if code in _SETUP_CODES:
         return setup_refused(code, message)
-    if code is None or code in _RETRYABLE_CODES:
+    if code is None or code in _RETRYABLE_CODES or is_transient_conflict(message):
         return RetryableError(message)
     return PermanentError(message)
 
