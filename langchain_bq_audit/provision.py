@@ -16,6 +16,8 @@ from typing import Any
 from . import schema, views
 from .settings import AuditSettings
 
+NOT_A_VIEW = "not a view, left alone"
+
 
 class SchemaMismatchError(Exception):
     """The existing table has a column whose type differs from `schema.py`'s."""
@@ -167,6 +169,7 @@ def ensure_table(
 
     if views:
         report.views = _ensure_views(client, full_id, opts)
+        report.notes += views_left_alone(report.views)
     if settings.signs_digests if digests is None else digests:
         report.digest_table = _ensure_digest_table(client, settings, opts)
     return report
@@ -184,6 +187,15 @@ def _ensure_views(client: Any, full_id: str, opts: dict[str, Any]) -> dict[str, 
         view_id: _ensure_view(client, view_id, query, description, opts)
         for view_id, (query, description) in views.view_queries(full_id).items()
     }
+
+
+def views_left_alone(states: dict[str, str]) -> list[str]:
+    """One line for each view name that something else (a table) holds: never replaced."""
+    return [
+        f"{view_id} is not a view: left alone (rename it to get this view)"
+        for view_id, state in states.items()
+        if state == NOT_A_VIEW
+    ]
 
 
 def _ensure_digest_table(client: Any, settings: AuditSettings, opts: dict[str, Any]) -> str:
@@ -225,6 +237,8 @@ def _ensure_view(client: Any, view_id: str, query: str, description: str,
         except Conflict:
             return "ok"
         return "created"
+    if view.table_type != "VIEW":
+        return NOT_A_VIEW  # a table (say, the user's own) where the view belongs: kept
     if view.view_query != query:
         view.view_query = query
         view = client.update_table(view, ["view_query"], **opts)

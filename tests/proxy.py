@@ -5,8 +5,9 @@ RST), `stall` (connections are accepted and read, but nothing is ever answered),
 `http` (every HTTP request is answered with `status`, as BigQuery answers 503, 429 or 403,
 on keep-alive connections; `answered` counts them). Switching mode applies to open
 connections too, as a real outage would to a pooled keep-alive socket. In `pass` mode,
-`refuse(b"...")` answers with `status` each request whose bytes hold that text (one
-kind of request fails, say creating views, while the rest go through).
+`refuse(b"...", status)` answers with `status` (or, with None, never answers) each request
+whose bytes hold that text: one kind of request fails, say creating views, while the rest
+go through.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class FaultProxy:
         self.status = 503
         self.answered = 0  # requests answered with `status` in `http` mode (or refused)
         self.refused: bytes | None = None
+        self.refused_status: int | None = 403
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closing = False
@@ -51,10 +53,11 @@ class FaultProxy:
             for conn in conns:
                 _reset(conn)
 
-    def refuse(self, marker: bytes | None, status: int = 403) -> None:
-        """In `pass` mode, answer a request whose bytes hold `marker` with `status`
-        (None: forward everything again). A client sends a small request in one write."""
-        self.status, self.refused = status, marker
+    def refuse(self, marker: bytes | None, status: int | None = 403) -> None:
+        """In `pass` mode, answer a request whose bytes hold `marker` with `status`, or with
+        `status` None never answer it (a hung request); `marker` None: forward everything
+        again. A client sends a small request in one write."""
+        self.refused_status, self.refused = status, marker
 
     def close(self) -> None:
         self._closing = True
@@ -130,8 +133,9 @@ class FaultProxy:
                     if not data:
                         return
                     if sock is client and self.refused is not None and self.refused in data:
-                        client.sendall(_error_response(self.status))
                         self.answered += 1
+                        if self.refused_status is not None:
+                            client.sendall(_error_response(self.refused_status))
                         continue
                     (upstream if sock is client else client).sendall(data)
         except OSError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from langchain_core.messages import AIMessage
 from langchain_bq_audit import BigQueryAuditHandler, schema, views
 from langchain_bq_audit.pulumi_infra import AuditLogInfra
 
-from .conftest import query
+from .conftest import query, wait_for
 from .pulumi_mocks import declare, pulumi_table_definition
 
 DATASET = "language_model_logging"
@@ -275,6 +276,55 @@ def test_the_writer_makes_the_views_after_its_rows_and_a_view_it_cannot_make_cos
 
     report = ensure_table(bq_client, AuditSettings(table=table_name))
     assert set(report.views.values()) == {"created"}
+
+
+def test_a_table_where_a_view_belongs_is_left_alone_with_its_rows(
+    bq_client, table_name, read_rows, caplog
+) -> None:
+    base = f"{bq_client.project}.{DATASET}.{table_name}"
+    bq_client.create_dataset(f"{bq_client.project}.{DATASET}", exists_ok=True)
+    mine = bigquery.Table(f"{base}_sessions", schema=[bigquery.SchemaField("mine", "STRING")])
+    bq_client.create_table(mine)
+    assert bq_client.insert_rows_json(f"{base}_sessions", [{"mine": "precious"}]) == []
+    handler = BigQueryAuditHandler(client=bq_client, table=table_name, auto_create_views=True)
+    FakeListChatModel(responses=["a"]).invoke("q", config={"callbacks": [handler]})
+    assert handler.flush(timeout=60)
+    handler.close()
+    assert [r["output_text"] for r in read_rows("run_type = 'chat_model'")] == ["a"]
+    assert f"{base}_sessions is not a view: left alone" in caplog.text
+    assert query(bq_client, f"SELECT mine FROM `{base}_sessions`") == [{"mine": "precious"}]
+    assert bq_client.get_table(f"{base}_sessions").table_type == "TABLE"
+    assert bq_client.get_table(f"{base}_dedup").table_type == "VIEW"  # the others are made
+    # and `bq-audit init` says so too, without touching it
+    from langchain_bq_audit.provision import ensure_table
+    from langchain_bq_audit.settings import AuditSettings
+
+    report = ensure_table(bq_client, AuditSettings(table=table_name))
+    assert f"note: {base}_sessions is not a view: left alone" in "\n".join(report.lines())
+    assert query(bq_client, f"SELECT mine FROM `{base}_sessions`") == [{"mine": "precious"}]
+
+
+def test_rows_keep_flowing_while_the_views_hang(proxy, bq_client, table_name, read_rows) -> None:
+    from google.api_core.exceptions import NotFound
+
+    from langchain_bq_audit.client import make_client
+    from langchain_bq_audit.settings import AuditSettings
+
+    proxy.refuse(b'"view": {', None)  # creating a view hangs (30 s a try); the rest is fine
+    client = make_client(AuditSettings(emulator_host=proxy.host_port, project=proxy.project))
+    handler = BigQueryAuditHandler(client=client, table=table_name, auto_create_views=True,
+                                   batch_age_s=0.05, request_timeout_s=30)  # fmt: skip
+    model = FakeListChatModel(responses=["a"])
+    for i in range(10):
+        model.invoke("q", config={"callbacks": [handler], "metadata": {"user_id": f"u{i}"}})
+        time.sleep(0.1)  # a batch a call or so: later batches would queue behind the views
+    wait_for(lambda: len(read_rows()) == 10, 25, "every row while the views hang")
+    stats = handler.stats()
+    assert stats["written"] == 10 and stats["spooled"] == stats["dropped"] == 0
+    with pytest.raises(NotFound):  # still hanging: the rows did not wait for it
+        bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_dedup")
+    assert handler.flush(timeout=1)  # about rows: written, though the views are not there
+    handler.close(timeout=1)
 
 
 def test_auto_create_views_off_makes_the_table_and_no_view(bq_client, table_name) -> None:
