@@ -112,6 +112,9 @@ class Channel(Protocol):
     def give_up(self, runs: list[Run]) -> int:
         """Out of time: stop sending; spool `runs` and every row held. Rows spooled."""
 
+    def wait_views(self, deadline: float | None) -> None:
+        """Wait, until `deadline` at most, for the views a first write started to make."""
+
     def close(self, deadline: float | None, idle: bool) -> bool:
         """After the builder stopped (`idle`: it never ran): release what the channel holds.
         False when something could not be written."""
@@ -216,9 +219,14 @@ class Writer:
         True when all of them were written to BigQuery; False on timeout, or when some were
         spooled, dead-lettered or dropped instead (see `stats()`).
         """
-        if self._builder is None and not self._records:
-            return True
-        return self._request("flush", timeout)[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ok = True
+        if self._builder is not None or self._records:
+            ok = self._request("flush", timeout)[0]
+        # the views a first write started (rows never wait for them): there when this returns
+        # in time; they do not change the answer, which is about rows
+        self._channel.wait_views(deadline)
+        return ok
 
     def close(self, timeout: float | None = 10.0) -> bool:
         """Write what is queued within `timeout`, spool the rest, stop the threads.
@@ -464,9 +472,9 @@ class ThreadChannel:
         if settings.sink == "write_api" and sink is None:
             _require_write_api()
         self._provisioned = sink is not None
-        # views are for readers: made once the first rows are in (see `_make_views`)
+        # views are for readers: made once the first rows are in, beside them (`_make_views`)
         self._views_pending = sink is None and settings.auto_create and settings.auto_create_views
-        self._views_due = False
+        self._views_thread: threading.Thread | None = None
         self.destination = destination or destination_id(settings, client)
         self._spool: Spool | None = None
         if settings.spool_enabled:
@@ -557,6 +565,7 @@ class ThreadChannel:
         return len(rows)
 
     def close(self, deadline: float | None, idle: bool) -> bool:
+        self.wait_views(deadline)  # a short script's views, in what is left of its time
         self._close_digests(deadline)  # every row is chained by now
         if not idle:
             with self._cond:
@@ -588,6 +597,7 @@ class ThreadChannel:
 
     def after_fork(self) -> None:
         self._reset_process_state()
+        self._views_thread = None  # the parent's; a view it had not made is made here too
         self._sink = self._given_sink
         if self._own_client:  # never share the parent's HTTP connections
             self._client = None
@@ -718,25 +728,51 @@ class ThreadChannel:
             finally:
                 with self._cond:
                     self._inflight = []
-                if self._views_due and not self._abort.is_set():
-                    self._make_views()  # the rows are in: a flush answered now finds the views
                 for marker in markers:
                     marker.answer(True)
 
-    def _make_views(self) -> None:
-        """Create or update the table's views, once per writer, after its first write (and
-        before the flush waiting for that write is answered). A failure costs no row: one
-        warning, and `bq-audit init` makes them later."""
-        from .provision import ensure_views
+    def _start_views(self) -> None:
+        """After the first write: make the views in a thread of their own, so that no row
+        waits for them (`flush` and `close` wait for them within their time, `wait_views`)."""
+        if self._views_thread is None and self._views_pending:
+            thread = threading.Thread(target=self._make_views, daemon=True,
+                                      name=f"bq-audit-views:{self.settings.table}")  # fmt: skip
+            self._views_thread = thread
+            with contextlib.suppress(RuntimeError):  # interpreter shutting down
+                thread.start()
 
-        self._views_due = False
-        try:
-            ensure_views(self._client, self.settings, timeout=self.settings.request_timeout_s)
-        except Exception as exc:
+    def _make_views(self) -> None:
+        """Create or update the table's views, once per writer. Two writers of a new table
+        may collide (the local BigQuery's write conflict, a reset connection): tried again a
+        few times. A failure costs no row: one warning naming `bq-audit init`; a view name
+        that a table holds is left alone, with a warning."""
+        from .provision import ensure_views, views_left_alone
+
+        error: Exception | None = None
+        for pause in (0.5, 1.0, 2.0, 0.0):
+            try:
+                states = ensure_views(self._client, self.settings,
+                                      timeout=self.settings.request_timeout_s)  # fmt: skip
+            except Exception as exc:
+                error = exc
+                if pause and not self._abort.wait(pause):
+                    continue
+                break
+            for line in views_left_alone(states):
+                self._warn("views", f"langchain-bq-audit: {line}")
+            error = None
+            break
+        if error is not None:
             self._warn("views", f"langchain-bq-audit: the views of {self.destination} were "
-                       f"not made ({type(exc).__name__}: {exc}); the rows are written; make "
-                       "them with `bq-audit init`")  # fmt: skip
+                       f"not made ({type(error).__name__}: {error}); the rows are written; "
+                       "make them with `bq-audit init`")  # fmt: skip
         self._views_pending = False
+
+    def wait_views(self, deadline: float | None) -> None:
+        """Wait, until `deadline` at most, for views being made (see `_start_views`)."""
+        thread = self._views_thread
+        if thread is not None and thread is not threading.current_thread() and thread.ident:
+            thread.join(time_left(deadline))
 
     def _send_wait(self) -> float:
         """Seconds until the buffered rows are due (0: send now). Call with `_cond` held.
@@ -849,7 +885,7 @@ class ThreadChannel:
                 self._count("replayed" if replay else "written", written)
                 if written:
                     self.last_write_time = time.time()
-                    self._views_due = self._views_pending
+                    self._start_views()
                 if invalid:
                     self._dead_letter([pending[i] for i in invalid], list(invalid.values()), replay)
                 # rows 'stopped' only because a neighbour was invalid are sent again

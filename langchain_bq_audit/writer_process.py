@@ -259,6 +259,10 @@ class ProcessChannel:
             self._waiting.pop(self._seq, None)
             marker.done.set()  # answered False
 
+    def wait_views(self, deadline: float | None) -> None:
+        """Nothing to wait for here: the child makes the views, and its own `flush` (which
+        answers this writer's) waits for them."""
+
     def drained(self) -> None:
         stream, self._to_child = self._to_child, None
         if stream is not None:  # the child drains and exits when its pipe closes
