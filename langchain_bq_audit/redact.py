@@ -356,9 +356,9 @@ def bounded_sub(
     text: str,
 ) -> str:
     """`pattern.sub(replace, text)` in bounded calls (`iter_bounded`); a `replace` string is
-    taken literally (no group references)."""
+    taken literally (no group references), whatever the text's length."""
     if len(text) <= SCAN_CHUNK:
-        return pattern.sub(replace, text)
+        return pattern.sub(replace if callable(replace) else lambda _: replace, text)
     out: list[str] = []
     done = 0
     for match in iter_bounded(pattern, barrier, text):
@@ -375,15 +375,27 @@ _CARD_BARRIER = re.compile(r"[^\d \-]")
 _PHONE_BARRIER = re.compile(r"[^\d+() .\-]")
 
 
-def _key_block(text: str, pos: int) -> tuple[int, int] | None:
+def _key_block(text: str, pos: int, footers: list[int]) -> tuple[int, int] | None:
     """Where `_SECRETS`' private-key alternative matches first at or after `pos`: the
-    header, then up to the first footer, or to `$` (the end, before a final newline)."""
+    header, then up to the first footer, or to `$` (the end, before a final newline).
+
+    `footers` (empty at first, kept by the caller across calls on one text) remembers the
+    last footer search, `[from, start, end]` (`start` -1: none after `from`), so headers
+    that tokens overrun one after another do not each scan to the end: linear, not
+    quadratic, in the text's length."""
     at = text.find("-----BEGIN", pos)
     while at >= 0:
         header = _KEY_HEADER_AT.match(text, at)
         if header is not None:
-            for footer in iter_bounded(_KEY_FOOTER_AT, _KEY_FOOTER_BARRIER, text, header.end()):
-                return at, footer.end()
+            begin = header.end()
+            if footers and footers[0] <= begin and (footers[1] < 0 or begin <= footers[1]):
+                start, end = footers[1], footers[2]  # the first footer after `begin` too
+            else:
+                found = next(iter_bounded(_KEY_FOOTER_AT, _KEY_FOOTER_BARRIER, text, begin), None)
+                start, end = (found.start(), found.end()) if found else (-1, -1)
+                footers[:] = [begin, start, end]
+            if start >= 0:
+                return at, end
             return at, len(text) - 1 if text.endswith("\n") else len(text)
         at = text.find("-----BEGIN", at + 1)
     return None
@@ -398,8 +410,9 @@ def _sub_secrets(text: str) -> str:
         return _SECRETS.sub(SECRET, text)
     out: list[str] = []
     done = pos = 0
+    footers: list[int] = []
     while True:
-        block = _key_block(text, pos)
+        block = _key_block(text, pos, footers)
         stop = len(text) if block is None else block[0]
         overran = False
         for match in iter_bounded(_TOKENS_AT, _TOKENS_BARRIER, text, pos):

@@ -152,8 +152,8 @@ class AuditSettings:
     def __post_init__(self) -> None:
         self._check_volume()
         if isinstance(self.writer_process, str):  # "auto", "true", "0"...: as from the env
-            object.__setattr__(self, "writer_process", _parse("writer_process", "bool | None",
-                                                              self.writer_process))  # fmt: skip
+            value = _parse("writer_process", "bool | None", self.writer_process, given=True)
+            object.__setattr__(self, "writer_process", value)
         if self.prices is not None:  # checked now: a bad price is a clear error here, not later
             from .cost import parse_prices
 
@@ -249,6 +249,8 @@ class AuditSettings:
             f"{name}={getattr(other, name)!r} (is {getattr(self, name)!r})"
             for name in DELIVERY_OPTIONS
             if getattr(self, name) != getattr(other, name)
+            # writer_process None (auto) asks for nothing: the first handler's choice stands
+            and not (name == "writer_process" and getattr(other, name) is None)
         ]
 
     @property
@@ -296,8 +298,9 @@ class AuditSettings:
         return host if "://" in host else f"http://{host}"
 
 
-def _parse(name: str, type_name: str, raw: str) -> Any:
-    var = ENV_PREFIX + name.upper()
+def _parse(name: str, type_name: str, raw: str, given: bool = False) -> Any:
+    """`raw` (from `BQ_AUDIT_<NAME>`, or with `given` an argument) as `type_name`."""
+    var = name if given else ENV_PREFIX + name.upper()
     if not raw.strip() and "None" in type_name:
         return None
     try:

@@ -89,16 +89,16 @@ class InsertAllSink:
 
 
 def _row_errors(errors: list[dict[str, Any]]) -> dict[int, str]:
-    """insertAll per-row errors -> {index: message}; 'stopped' rows, and rows refused only by
-    the local BigQuery's write conflict, map to '' (retry them)."""
+    """insertAll per-row errors -> {index: message}; 'stopped' rows map to '' (retry them).
+    A row refused by the local BigQuery's write conflict makes the whole request a retry
+    (`RetryableError`: with the batch's backoff and deadline; ids dedup the rows it wrote)."""
     out: dict[int, str] = {}
     for entry in errors or ():
         reasons = entry.get("errors") or []
-        real = [
-            e for e in reasons
-            if e.get("reason") not in ("stopped", None)
-            and not is_transient_conflict(str(e.get("message") or ""))
-        ]  # fmt: skip
+        for e in reasons:
+            if is_transient_conflict(str(e.get("message") or "")):
+                raise RetryableError(f"row {entry.get('index')}: {e.get('message')}")
+        real = [e for e in reasons if e.get("reason") not in ("stopped", None)]
         if real:
             out[int(entry["index"])] = "; ".join(
                 f"{e.get('reason')}: {e.get('location') or ''} {e.get('message') or ''}".strip()

@@ -208,3 +208,18 @@ def test_long_text_is_scanned_in_calls_of_bounded_size() -> None:
     assert [m.span() for m in found] == [m.span() for m in redact._EMAIL.finditer(text)]
     assert len(recording.spans) > len(text) // redact.SCAN_CHUNK // 2
     assert max(recording.spans) <= 2 * redact.SCAN_CHUNK
+
+
+def test_tokens_running_into_many_key_headers_cost_one_footer_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each token overruns the next key header, and no footer follows: the search for a
+    footer reads the text about once (it read to the end for every header: quadratic,
+    14 s for 880 KB), and the result is one call's."""
+    from langchain_bq_audit import redact
+
+    text = ("sk-" + "a" * 20 + "-----BEGIN RSA PRIVATE KEY----- ") * 2_000
+    recording = _Recording(redact._KEY_FOOTER_AT)
+    monkeypatch.setattr(redact, "_KEY_FOOTER_AT", recording)
+    assert redact._sub_secrets(text) == redact._SECRETS.sub(redact.SECRET, text)
+    assert sum(recording.spans) <= 2 * len(text)

@@ -69,11 +69,19 @@ def test_any_other_bad_request_is_permanent(sink) -> None:
         sink.write([{"event_id": "e1"}], ["e1"])
 
 
-def test_a_row_refused_only_by_the_conflict_is_sent_again_and_a_bad_row_is_not(sink) -> None:
+def test_a_row_refused_by_the_conflict_retries_the_request_and_a_bad_row_is_its_own(
+    sink,
+) -> None:
     Answers.status = 200
     Answers.body = {"insertErrors": [
         {"index": 0, "errors": [{"reason": "invalid", "message": CONFLICT}]},
+        {"index": 1, "errors": [{"reason": "stopped", "message": ""}]},
+    ]}  # fmt: skip
+    with pytest.raises(RetryableError, match=r"row 0: .*DuckLake"):  # backoff and deadline
+        sink.write([{"event_id": "e1"}, {"event_id": "e2"}], ["e1", "e2"])
+    Answers.body = {"insertErrors": [
         {"index": 1, "errors": [{"reason": "invalid", "message": "no such field: x"}]},
+        {"index": 0, "errors": [{"reason": "stopped", "message": ""}]},
     ]}  # fmt: skip
     errors = sink.write([{"event_id": "e1"}, {"event_id": "e2", "x": 1}], ["e1", "e2"])
     assert errors == {0: "", 1: "invalid:  no such field: x"}

@@ -52,9 +52,11 @@ def test_the_setting_is_auto_by_default_and_takes_its_spellings(
     assert AuditSettings.from_env(env).writer_process is expected
 
 
-def test_a_bad_spelling_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="BQ_AUDIT_WRITER_PROCESS='sometimes'"):
+def test_a_bad_spelling_is_a_clear_error_naming_where_it_came_from() -> None:
+    with pytest.raises(ValueError, match=r"^writer_process='sometimes' is not valid"):
         AuditSettings(writer_process="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^BQ_AUDIT_WRITER_PROCESS='sometimes' is not valid"):
+        AuditSettings.from_env({"BQ_AUDIT_WRITER_PROCESS": "sometimes"})
 
 
 def test_auto_picks_the_writer_by_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,3 +75,12 @@ def test_auto_picks_the_writer_by_the_rule(monkeypatch: pytest.MonkeyPatch) -> N
     assert not isinstance(with_client, ProcessWriter)
     for writer in (thread, process, with_client):
         writer.close(1)
+
+
+def test_a_later_handler_asking_auto_is_not_warned_about() -> None:
+    """auto (None) asks for nothing: whatever the first handler's writer became stands."""
+    first = AuditSettings(writer_process=False)  # as auto resolved it in the registry
+    assert first.delivery_differences(AuditSettings()) == []
+    assert first.delivery_differences(AuditSettings(writer_process=True)) == [
+        "writer_process=True (is False)"
+    ]
