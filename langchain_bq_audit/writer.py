@@ -553,8 +553,9 @@ class ThreadChannel:
             self._rows_bytes = 0
             self._rows_markers = 0
             self._rows_since = None
-            rows.extend(self._inflight)
-            self._inflight_taken = True
+            if not self._inflight_taken:  # a second drain (SIGTERM, then exit) spools it once
+                rows.extend(self._inflight)
+                self._inflight_taken = True
         for run in runs:
             row = self._row(run)
             if row is not None:

@@ -16,7 +16,7 @@ from langchain_bq_audit.records import RunRecord
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.sinks.base import ConfigurationError, PermanentError, RetryableError
 from langchain_bq_audit.sinks.memory import MemorySink
-from langchain_bq_audit.spool import Spool, encode
+from langchain_bq_audit.spool import Spool, encode, read_segment
 from langchain_bq_audit.writer import SETTLED, Writer
 
 DEST = "local.language_model_logging.t"
@@ -275,6 +275,35 @@ def test_close_spools_what_a_hung_bigquery_holds_within_its_timeout(tmp_path) ->
     stats = writer.stats()
     assert stats["spooled"] == 20 and stats["accepted"] == 20
     sink.gate.set()
+
+
+def test_a_second_drain_spools_the_batch_in_flight_once(tmp_path) -> None:
+    """SIGTERM's drain, then the exit's, while a hung request holds a batch: each row is
+    spooled once (a CI run found every row twice after SIGTERM with BigQuery hung)."""
+    import threading
+
+    entered = threading.Event()
+
+    class Hung(MemorySink):
+        def write(self, rows: list[dict[str, Any]], ids: list[str]) -> dict[int, str]:
+            entered.set()
+            return super().write(rows, ids)
+
+    sink = Hung()
+    sink.gate.clear()  # the first request hangs
+    writer = make(tmp_path, sink)
+    for i in range(20):
+        writer.submit(row(i))
+    wait_for(entered.is_set)  # the batch is in flight
+    writer.spool_memory()
+    writer.spool_memory()
+    spool = writer.spool
+    assert spool is not None
+    ids = [r["event_id"] for seg in spool.segments() for r in read_segment(seg).records]
+    assert sorted(ids) == sorted(row(i)["event_id"] for i in range(20))
+    assert writer.stats()["spooled"] == 20
+    sink.gate.set()
+    writer.close(timeout=5)
 
 
 @pytest.mark.parametrize("option", ["batch_rows", "batch_deadline_s"])
