@@ -426,6 +426,9 @@ class Writer:
             logger.warning(message)
 
 
+_VIEW_TRIES = 4  # two new processes of one table may collide making its views
+
+
 def time_left(deadline: float | None) -> float | None:
     """Seconds until `deadline` (a `time.monotonic()` time), at least 0; None: no deadline."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -748,15 +751,17 @@ class ThreadChannel:
         few times. A failure costs no row: one warning naming `bq-audit init`; a view name
         that a table holds is left alone, with a warning."""
         from .provision import ensure_views, views_left_alone
+        from .retry import backoff_delays
 
         error: Exception | None = None
-        for pause in (0.5, 1.0, 2.0, 0.0):
+        delays = backoff_delays()  # a batch's backoff, for at most _VIEW_TRIES tries
+        for attempt in range(1, _VIEW_TRIES + 1):
             try:
                 states = ensure_views(self._client, self.settings,
                                       timeout=self.settings.request_timeout_s)  # fmt: skip
             except Exception as exc:
                 error = exc
-                if pause and not self._abort.wait(pause):
+                if attempt < _VIEW_TRIES and not self._abort.wait(next(delays)):
                     continue
                 break
             for line in views_left_alone(states):
