@@ -4,8 +4,10 @@ Pulumi component build one table; seed tables migrate in place; the views answer
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -339,3 +341,33 @@ def test_auto_create_views_off_makes_the_table_and_no_view(bq_client, table_name
     for view_id in views.view_queries(base):
         with pytest.raises(NotFound):
             bq_client.get_table(view_id)
+
+
+@pytest.mark.usefixtures("writer_makes_views")
+def test_a_short_script_on_a_new_table_leaves_every_view(emulator, bq_client, table_name) -> None:
+    """A script that makes a few calls on a brand-new table and exits without `flush()`:
+    its exit drain waits for the views, so every view is there when it ends (README,
+    Infrastructure), or it says at exit that they are not all made, naming `bq-audit init`.
+    Here BigQuery takes 1.2 s to make a view (the `bq-audit emulator` CLI's local BigQuery
+    takes about 1 s), so the six views need more than the drain's 5 s."""
+    script = textwrap.dedent(f"""
+        import time
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        from langchain_bq_audit import BigQueryAuditHandler, provision
+        make_view = provision._ensure_view
+        def slow_view(*args, **kwargs):
+            time.sleep(1.2)
+            return make_view(*args, **kwargs)
+        provision._ensure_view = slow_view
+        handler = BigQueryAuditHandler(table="{table_name}")
+        FakeListChatModel(responses=["hi"]).invoke("q", config={{"callbacks": [handler]}})
+        """)
+    env = {**os.environ, "BIGQUERY_EMULATOR_HOST": emulator.host_port}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    made = {t.table_id for t in bq_client.list_tables(f"{bq_client.project}.{DATASET}")}
+    missing = [suffix for suffix in views.VIEWS if f"{table_name}{suffix}" not in made]
+    assert missing == [] or (
+        "views" in proc.stderr and "bq-audit init" in proc.stderr
+    ), (missing, proc.stderr)  # fmt: skip
