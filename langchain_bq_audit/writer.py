@@ -570,6 +570,13 @@ class ThreadChannel:
 
     def close(self, deadline: float | None, idle: bool) -> bool:
         self.wait_views(deadline)  # a short script's views, in what is left of its time
+        views = self._views_thread
+        if views is not None and views.is_alive() and views is not threading.current_thread():
+            # out of time: the thread dies with the process, leaving some views unmade
+            self._warn("views-at-exit", f"langchain-bq-audit: the views of {self.destination} "
+                       "were not all made in the time left at close; the rows are not "
+                       "affected; make them with `bq-audit init` (the next process's writer "
+                       "also makes them)")  # fmt: skip
         self._close_digests(deadline)  # every row is chained by now
         if not idle:
             with self._cond:
