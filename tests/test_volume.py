@@ -13,7 +13,7 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
-from langchain_core.tools import tool
+from langchain_core.tools import ToolException, tool
 from langgraph.graph import END, START, StateGraph
 
 import langchain_bq_audit
@@ -195,6 +195,26 @@ def test_sampling_never_drops_a_failed_run(make_handler, read_rows) -> None:
     failed = [("RunnableSequence", "error"), ("fail", "error")]
     assert sorted((r["name"], r["status"]) for r in rows) == sorted(failed * 3)
     assert {r["sample_rate"] for r in rows} == {1.0}
+
+
+def test_sampling_never_drops_an_error_returned_as_a_value(make_handler, read_rows) -> None:
+    """A tool with `handle_tool_error` answers a tool call with `ToolMessage(status="error")`:
+    its row says `error` (What a row holds), so sampling keeps it like a raised error."""
+    handler = make_handler(sample_rate=0.0)
+
+    @tool
+    def find_order(order: str) -> str:
+        """Look an order up."""
+        raise ToolException(f"order {order} not found")
+
+    find_order.handle_tool_error = True
+    for i in range(3):
+        call = {"type": "tool_call", "name": "find_order", "args": {"order": f"A-{i}"},
+                "id": f"call-{i}"}  # fmt: skip
+        assert find_order.invoke(call, config={"callbacks": [handler]}).status == "error"
+    rows = rows_of(handler, read_rows)
+    assert sorted((r["name"], r["status"], r["error_type"], r["sample_rate"]) for r in rows) == [
+        ("find_order", "error", "ToolMessage", 1.0)] * 3  # fmt: skip
 
 
 @pytest.mark.parametrize(
