@@ -20,7 +20,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from .context import configured_identity, current_context, otel_span_ids
 from .records import RunRecord, is_graph_bubble_up
 from .registry import get_writer
-from .rows import run_name
+from .rows import returned_error, run_name
 from .settings import AuditSettings
 
 if TYPE_CHECKING:
@@ -282,6 +282,9 @@ class BigQueryAuditHandler(BaseCallbackHandler):
                 if child.keep is not False:  # cut off: written like a failed run
                     child.sample_rate = 1.0
                     self._submit(child)
+        elif keep is None and returned_error(rec.outputs) is not None:
+            rec.sample_rate = 1.0  # an error returned as a value (its row says error)
+            keep = True
         if keep:  # else left out by a volume setting
             self._submit(rec)
 

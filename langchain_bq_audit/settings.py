@@ -215,6 +215,12 @@ class AuditSettings:
                 f"run_types: unknown run type(s) {', '.join(map(repr, unknown))}; "
                 f"known: {', '.join(RUN_TYPES)}"
             )
+        for name, type_name in (("user_visible", "bool"), ("sample_rate", "float")):
+            value = getattr(self, name)  # "false", "0.5": as from the environment
+            if isinstance(value, str):
+                object.__setattr__(self, name, _parse(name, type_name, value, given=True))
+        if not isinstance(self.sample_rate, (int, float)) or isinstance(self.sample_rate, bool):
+            raise ValueError(f"sample_rate must be a number, got {self.sample_rate!r}")
         if not 0.0 <= self.sample_rate <= 1.0:  # NaN fails too
             raise ValueError(f"sample_rate must be between 0 and 1, got {self.sample_rate!r}")
 
