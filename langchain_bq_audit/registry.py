@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .settings import AuditSettings
-from .writer import Writer
+from .writer import EXITING, Writer
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +147,12 @@ def _drain_timeout() -> float:
 
 
 def _atexit_drain() -> None:
+    EXITING.set()
     shutdown(_drain_timeout())
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
+    EXITING.set()  # (a previous handler that keeps the process alive: views may still come)
     shutdown(_drain_timeout())
     previous = _previous_sigterm
     if callable(previous):

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _WARN_EVERY_S = 60.0
+#: Set by the exit and SIGTERM drains (`registry.shutdown`): the process ends after them.
+EXITING = threading.Event()
 # What happened to the rows this writer accepted: each ends in exactly one of these four
 # (or is still `queued`), so `accepted == sum(SETTLED) + queued` at every quiet point.
 SETTLED = ("written", "dead_lettered", "spooled", "dropped")
@@ -571,8 +573,8 @@ class ThreadChannel:
     def close(self, deadline: float | None, idle: bool) -> bool:
         self.wait_views(deadline)  # a short script's views, in what is left of its time
         views = self._views_thread
-        if views is not None and views.is_alive() and views is not threading.current_thread():
-            # out of time: the thread dies with the process, leaving some views unmade
+        if EXITING.is_set() and views is not None and views.is_alive():
+            # the exit or SIGTERM drain is out of time: the thread dies with the process
             self._warn("views-at-exit", f"langchain-bq-audit: the views of {self.destination} "
                        "were not all made in the time left at close; the rows are not "
                        "affected; make them with `bq-audit init` (the next process's writer "
