@@ -150,3 +150,23 @@ def test_trace_timeline_and_usage_plots_show_what_the_table_holds(
     timeline, usage_png = ((tmp_path / n).read_bytes() for n in ("trace.png", "usage.png"))
     assert pixels(timeline, "tab:blue") > 100 and pixels(timeline, "tab:gray") > 1000
     assert pixels(usage_png, "tab:blue") > 100  # the tokens line
+
+
+def test_plots_of_nothing_say_so_instead_of_raising(bq_client, make_handler, table_name) -> None:
+    """A fresh kernel's `nb.recent()` (this run's rows: none yet), a session with no rows, a
+    trace id no row has: the frames are empty, and the plots draw an empty figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    nb = notebook.AuditNotebook(AuditSettings(table=table_name), bq_client)
+    handler = make_handler()
+    run_traced_chain(handler)
+    assert handler.flush(timeout=60)
+
+    none = nb.recent(100, session="no-such-session")
+    assert len(none) == 0
+    tokens_ax, _ = notebook.plot_usage(none)
+    assert tokens_ax.figure is not None
+    no_trace = nb.trace("no-such-trace")
+    assert len(no_trace) == 0
+    assert notebook.plot_trace(no_trace).figure is not None
