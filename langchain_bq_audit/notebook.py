@@ -133,6 +133,10 @@ def plot_trace(trace: Any, ax: Any = None) -> Any:
 
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 1 + 0.35 * len(trace)))
+    if len(trace) == 0:  # no row has that id (an empty frame has no columns either)
+        ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("Trace (no runs)")
+        return ax
     start = pd.to_datetime(trace["start_time"], utc=True).fillna(
         pd.to_datetime(trace["timestamp"], utc=True)
     )  # start_time is NULL on rows of old writers: a bar of no length at the end
@@ -171,6 +175,8 @@ def plot_usage(rows: Any, axes: Any = None) -> Any:
     if axes is None:
         _, axes = plt.subplots(2, 1, sharex=True, figsize=(9, 4.5))
     tokens_ax, cost_ax = axes
+    if len(rows) == 0:  # an empty frame has no columns: nothing to draw, and say so
+        rows = pd.DataFrame(columns=["timestamp", "run_type", "total_tokens", "cost_usd"])
     calls = rows[rows["run_type"].isin(MODEL_RUN_TYPES)].sort_values("timestamp")
     when = pd.to_datetime(calls["timestamp"], utc=True)
     tokens = pd.to_numeric(calls["total_tokens"]).fillna(0).cumsum()
