@@ -333,6 +333,28 @@ def test_cancelled_astream_gives_cancelled_rows(make_handler, read_rows) -> None
     assert model_row["output_text"] == partial  # exactly what the user saw so far
 
 
+def test_a_stream_the_caller_closes_gives_cancelled_rows(make_handler, read_rows) -> None:
+    """A consumer that stops reading (`break`, then `close()`) leaves the chain cut off like
+    a cancelled task does: the sequence the caller streamed is `cancelled` too, not `ok`
+    with a partial answer (langchain-core ends it with `on_chain_end` of what it had)."""
+    handler = make_handler()
+    answer = "a rather long answer that streams"
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | FakeListChatModel(
+        responses=[answer]
+    )
+    stream = chain.stream({"q": "x"}, config={"callbacks": [handler]})
+    seen = [str(next(stream).content) for _ in range(3)]
+    stream.close()
+    assert handler.flush(timeout=60)
+
+    rows = read_rows()
+    assert {(r["name"], r["status"]) for r in rows} == {
+        ("RunnableSequence", "cancelled"), ("ChatPromptTemplate", "ok"),
+        ("FakeListChatModel", "cancelled"),
+    }  # fmt: skip
+    assert one(rows, name="RunnableSequence")["output_text"] == "".join(seen)
+
+
 def test_runs_without_an_end_are_swept_as_abandoned(make_handler, read_rows) -> None:
     handler = make_handler(run_ttl_s=0.4)
     release = threading.Event()
