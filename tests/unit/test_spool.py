@@ -101,6 +101,15 @@ def test_the_spool_refuses_a_symlinked_folder_and_keeps_its_folders_private(tmp_
         assert seg.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_spool_folder_under_a_file_is_found_by_the_check(tmp_path) -> None:
+    """`spool_dir` under a regular file (a typo, a file where a folder was meant) cannot be
+    made: the check a handler runs at construction says so, not the first outage."""
+    (tmp_path / "a-file").write_text("not a folder")
+    spool = Spool(tmp_path / "a-file" / "spool", DEST, max_bytes=10**9)
+    with pytest.raises(OSError, match="not a folder"):
+        spool.check()
+
+
 def test_a_torn_tail_is_counted_and_the_good_records_before_it_kept(tmp_path) -> None:
     spool = Spool(tmp_path, DEST, max_bytes=10**9)
     spool.append([row(i) for i in range(3)])
