@@ -185,6 +185,12 @@ class Spool:
                                            "real path as spool_dir)")  # fmt: skip
             if d.exists() and not d.is_dir():
                 raise OSError(errno.ENOTDIR, f"spool folder {d} exists and is not a folder")
+        # the nearest folder that exists is where the rest is made: a file there (`spool_dir`
+        # under a file) fails only at the first append, during an outage
+        above = next((p for p in self.dir.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise OSError(errno.ENOTDIR, f"spool folder {self.dir} cannot be made: {above} "
+                                         "is not a folder")  # fmt: skip
 
     def _ensure_dirs(self) -> None:
         self.check()
