@@ -371,3 +371,26 @@ def test_a_short_script_on_a_new_table_leaves_every_view(emulator, bq_client, ta
     assert missing == [] or (
         "views" in proc.stderr and "bq-audit init" in proc.stderr
     ), (missing, proc.stderr)  # fmt: skip
+
+
+def test_rows_of_a_migrated_seed_table_all_count_in_the_views_and_stats(
+    emulator, bq_client, table_name
+) -> None:
+    """The original five-column table's rows have no `event_id`: after `init` migrates it,
+    the dedup view (and so every view, `stats` and `sessions`) keeps each of them, not one
+    row for all of them (`PARTITION BY event_id` puts every NULL in one partition)."""
+    from langchain_bq_audit.reading import summary
+
+    full = make_seed_table(bq_client, table_name)  # one old row, session s-old
+    assert bq_client.insert_rows_json(full, [
+        {"timestamp": f"2026-01-0{day}T03:04:05+00:00", "input_text": f"old {day}",
+         "output_text": "old answer", "user_id": "u-old", "session_id": f"s-old-{day}"}
+        for day in (3, 4)
+    ]) == []  # fmt: skip
+    assert cli(emulator, "init", "--table", table_name).returncode == 0
+
+    assert query(bq_client, f"SELECT COUNT(*) AS n FROM `{full}_dedup`")[0]["n"] == 3
+    sessions = query(bq_client, f"SELECT session_id FROM `{full}_sessions`")
+    assert sorted(s["session_id"] for s in sessions) == ["s-old", "s-old-3", "s-old-4"]
+    stats = summary(bq_client, full)
+    assert (stats["rows"], stats["sessions"]) == (3, 3)
