@@ -93,7 +93,7 @@ def summary(client: Any, table: str, now: dt.datetime | None = None) -> dict[str
     since = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(hours=24)
     (row,) = run_query(
         client,
-        "SELECT COUNT(DISTINCT event_id) AS rows, COUNT(DISTINCT session_id) AS sessions, "
+        "SELECT COUNT(*) AS rows, COUNT(DISTINCT session_id) AS sessions, "
         f"COUNT(DISTINCT user_id) AS users, COUNTIF({MODEL_RUNS}) AS model_calls, "
         "SUM(total_tokens) AS total_tokens, COUNTIF(status = 'error') AS errors, "
         "MAX(timestamp) AS newest_run_end, SUM(cost_usd) AS cost_usd, "

@@ -18,12 +18,13 @@ MODEL_RUNS = "run_type IN ('llm', 'chat_model')"
 def dedup(table: str, where: str | None = None) -> str:
     """One row per event id: the first copy written. `where` (SQL over the table's columns
     that every copy of a row satisfies alike, such as `trace_id = @id`) filters before the
-    window, so BigQuery numbers only those rows."""
+    window, so BigQuery numbers only those rows. A row without an event id (written before
+    `init` migrated an older table) is its own row: NULLs share one partition."""
     return (
         "SELECT * EXCEPT(_copy) FROM (\n"
         "  SELECT *, ROW_NUMBER() OVER (PARTITION BY event_id ORDER BY timestamp) AS _copy\n"
         f"  FROM `{table}`{f' WHERE {where}' if where else ''}\n"
-        ") WHERE _copy = 1"
+        ") WHERE _copy = 1 OR event_id IS NULL"
     )
 
 
