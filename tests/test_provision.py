@@ -394,3 +394,28 @@ def test_rows_of_a_migrated_seed_table_all_count_in_the_views_and_stats(
     assert sorted(s["session_id"] for s in sessions) == ["s-old", "s-old-3", "s-old-4"]
     stats = summary(bq_client, full)
     assert (stats["rows"], stats["sessions"]) == (3, 3)
+
+
+def test_views_another_process_made_while_this_one_collided_are_not_warned_about(
+    bq_client, table_name, caplog, monkeypatch
+) -> None:
+    """Two new processes of one table: the second one's requests collide with the first's
+    (the local BigQuery resets them: about one run in two of two `bq-audit emulator`
+    scripts started at once), but the views are there. No warning to run `bq-audit init`
+    for views that exist."""
+    from langchain_bq_audit import provision
+
+    real = provision.ensure_views
+
+    def collide(client: Any, settings: Any, timeout: float = 30.0) -> dict[str, str]:
+        real(client, settings, timeout=timeout)  # the other process makes them
+        raise ConnectionError("('Connection aborted.', ConnectionResetError(104, ...))")
+
+    monkeypatch.setattr(provision, "ensure_views", collide)
+    handler = BigQueryAuditHandler(client=bq_client, table=table_name, auto_create_views=True)
+    FakeListChatModel(responses=["a"]).invoke("q", config={"callbacks": [handler]})
+    assert handler.flush(timeout=60)
+    handler.close()
+    base = f"{bq_client.project}.{DATASET}.{table_name}"
+    assert all(bq_client.get_table(f"{base}{s}").table_type == "VIEW" for s in views.VIEWS)
+    assert "were not made" not in caplog.text
