@@ -16,7 +16,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableLambda
 
-from langchain_bq_audit import BigQueryAuditHandler
+from langchain_bq_audit import BigQueryAuditHandler, views
 from langchain_bq_audit.cli import build_parser
 
 from .conftest import TRACE, query, run_traced_chain
@@ -293,3 +293,30 @@ def test_sessions_lists_the_latest_sessions_with_their_totals(
     assert bad.returncode == 2 and "--since wants a date" in bad.stderr
     none = bq_audit("sessions", "--limit", "0", *where)
     assert none.returncode == 2 and "--limit wants a number of sessions" in none.stderr
+
+
+@pytest.mark.usefixtures("writer_makes_views")
+def test_replay_onto_a_new_table_leaves_its_views(emulator, bq_client, table_name,
+                                                  tmp_path) -> None:  # fmt: skip
+    """Rows spooled in an outage, then `bq-audit replay` onto a table that did not exist
+    yet: it makes the table, writes the rows and makes the views (`bq-audit sessions`
+    reads one), as a writer does after its first rows; not a table without views."""
+    spool = tmp_path / "spool"
+    handler = BigQueryAuditHandler(table=table_name, emulator_host="127.0.0.1:9",
+                                   spool_dir=str(spool), request_timeout_s=0.5,
+                                   batch_deadline_s=0.5, batch_age_s=0.05)  # fmt: skip
+    model = GenericFakeChatModel(messages=iter([AIMessage("a"), AIMessage("b")]))
+    for session in ("s-1", "s-2"):
+        model.invoke("q", config={"callbacks": [handler], "metadata": {"session_id": session}})
+    assert handler.flush(timeout=30) is False and handler.stats()["spooled"] == 2
+    handler.close(timeout=5)
+
+    where = ("--endpoint", emulator.host_port, "--table", table_name)
+    replay = bq_audit("replay", *where, "--spool-dir", str(spool))
+    assert replay.returncode == 0, replay.stderr
+    made = {
+        t.table_id for t in bq_client.list_tables(f"{bq_client.project}.language_model_logging")
+    }
+    assert {f"{table_name}{suffix}" for suffix in views.VIEWS} <= made
+    sessions = bq_audit("sessions", *where)
+    assert sessions.returncode == 0, sessions.stderr
