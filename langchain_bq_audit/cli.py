@@ -102,6 +102,8 @@ def _replay_one(settings: Any, destination: str | None = None) -> int:
     print(f"replaying {len(segments)} segment(s) from {writer.spool.dir} to {writer.destination}")
     replayed = writer.replay_now(_progress_bar)
     sys.stderr.write("\n")
+    # the views its first rows started (a new table): made before this command ends
+    writer.flush(max(settings.shutdown_timeout_s, settings.batch_deadline_s))
     stats = writer.stats()
     left = len(writer.spool.segments())
     print(
