@@ -18,7 +18,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from .context import configured_identity, current_context, otel_span_ids
-from .records import RunRecord, is_graph_bubble_up
+from .records import RunRecord, StreamClosed, is_graph_bubble_up
 from .registry import get_writer
 from .rows import returned_error, run_name
 from .settings import AuditSettings
@@ -189,7 +189,14 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         trace_id = run_id
         if parent_run_id is not None:
             parent = runs.get(parent_run_id)
-            trace_id = parent.trace_id if parent is not None else parent_run_id
+            if parent is not None:
+                trace_id = parent.trace_id
+                if parent.children is None:  # a race here loses a child: only a false "ok"
+                    parent.children = {run_id}
+                else:
+                    parent.children.add(run_id)
+            else:
+                trace_id = parent_run_id
         # A shallow copy of a dict input guards against the caller mutating it before the
         # writer thread reads it; it costs about 100 ns.
         if type(inputs) is dict:
@@ -270,7 +277,21 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         late_inputs = kwargs.get("inputs")
         if late_inputs is not None:  # streamed chains only know their input at the end
             rec.inputs = late_inputs
+        parent = self._runs.get(rec.parent_run_id) if rec.parent_run_id is not None else None
+        if parent is not None and parent.children:
+            parent.children.discard(run_id)
         keep = rec.keep
+        if rec.children is not None:
+            running = sum(1 for child in rec.children if child in self._runs)
+            rec.children = None
+            if running and error is None:  # cut off: a sync stream closed by its consumer
+                rec.status = "error"
+                rec.error = StreamClosed(
+                    f"ended while {running} run(s) inside it were still running: "
+                    "its output is what it had when cut off"
+                )
+                rec.sample_rate = 1.0
+                keep = keep is not False
         if error is not None:
             rec.status = "error"
             rec.error = error

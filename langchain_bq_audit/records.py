@@ -22,10 +22,18 @@ def is_graph_bubble_up(error: BaseException) -> bool:
     )
 
 
+class StreamClosed(GeneratorExit):
+    """Why a run that ended while runs inside it were still running is `cancelled`: its
+    output was cut off. langchain-core ends a sync stream its consumer closed early with
+    `on_chain_end` of what it had (it swallows the `GeneratorExit`), before the runs inside
+    it hear of the close."""
+
+
 class RunRecord:
     """One run, filled in by start and end callbacks."""
 
     __slots__ = (
+        "children",
         "configured",
         "context",
         "end_time",
@@ -104,3 +112,6 @@ class RunRecord:
         # (trace id, span id) of the OpenTelemetry span current at the start, as ints, or
         # None; written as W3C hex (`otel_trace_id`, `otel_span_id`)
         self.otel: tuple[int, int] | None = None
+        # run ids of its child runs started and not ended yet (None: none started); emptied
+        # at its own end, so a record crosses to a writer process without them
+        self.children: set[UUID] | None = None
