@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .client import destination_id
+from .pacing import KEEP_UP_RUNS, Pacer
 from .records import RunRecord
 from .retry import Breaker
 from .settings import AuditSettings
@@ -152,6 +153,8 @@ class Writer:
         """
         self.settings = settings
         self._max_queue = settings.max_queue_rows
+        # pauses only well below the queue's limit (pacing.py)
+        self._pacer = Pacer(keep_up=min(KEEP_UP_RUNS, settings.max_queue_rows // 2))
         self._batch_rows = settings.batch_rows
         self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
         self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
@@ -372,6 +375,7 @@ class Writer:
         """Runs popped off the queue's head as they are asked for, up to a request (which
         is popped and put in `found`)."""
         records = self._records
+        pacer = self._pacer
         while True:
             try:
                 item = records.popleft()
@@ -381,6 +385,8 @@ class Writer:
                 found.append(item)
                 return
             yield item
+            if not self._stopping:  # short holds of the interpreter lock (pacing.py)
+                pacer.tick(len(records))
 
     def _sweep(self) -> None:
         self._submit_unended(self.tracker.sweep(time.time()))
