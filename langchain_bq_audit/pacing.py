@@ -5,9 +5,11 @@ interval (5 ms): a builder that holds it through a batch of rows stalls the appl
 next call by up to 5 ms at a time, which is what a tight loop of quick calls sees as its p99,
 and an async application after each of its many short waits. So the builder works in short
 slices and, between them, sleeps briefly: a sleep releases the lock, and a thread waiting for
-it takes it at once. The sleep costs the builder wall time, not CPU.
+it takes it at once. The sleep costs the builder wall time (about a fifth of its speed when
+nothing else runs), not CPU.
 
-While the backlog is long the builder does not pause: an application that never leaves the
+No pause while a caller waits in `flush()` or the writer is closing (the application is
+not running then), nor while the backlog is long: an application that never leaves the
 lock free would otherwise keep the builder from ever catching up, and the queue would reach
 `max_queue_rows` and drop runs. Then it takes the lock as CPython gives it, as before.
 """
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable
 
 SLICE_S = 0.0005  # builder work between pauses, seconds
-PAUSE_S = 0.00005  # one pause; Linux rounds a sleep up by its timer slack (50 us)
+PAUSE_S = 0.00005  # one pause; Linux makes it about 140 us (timer slack, wake-up)
 KEEP_UP_RUNS = 2000  # runs queued from which the builder stops pausing
 
 

@@ -172,6 +172,7 @@ class Writer:
         self._lock = threading.Lock()  # builder start/stop, counters
         self._builder: threading.Thread | None = None
         self._stopping = False
+        self._waiting = 0  # callers blocked in flush() or another request
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
         self._warned: dict[str, float] = {}
@@ -297,8 +298,16 @@ class Writer:
         if self._builder is None:
             self._start()
         self._wake.set()
-        if not wait or not marker.done.wait(timeout):
+        if not wait:
             return False, None
+        with self._lock:
+            self._waiting += 1  # the caller blocks: the builder need not pause for it
+        try:
+            if not marker.done.wait(timeout):
+                return False, None
+        finally:
+            with self._lock:
+                self._waiting -= 1
         return marker.ok and self._unwritten() == marker.unwritten_before, marker.stats
 
     def _requeue(self, runs: Sequence[Run]) -> None:
@@ -385,7 +394,7 @@ class Writer:
                 found.append(item)
                 return
             yield item
-            if not self._stopping:  # short holds of the interpreter lock (pacing.py)
+            if not (self._stopping or self._waiting):  # short lock holds (pacing.py)
                 pacer.tick(len(records))
 
     def _sweep(self) -> None:
