@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .client import destination_id
+from .pacing import KEEP_UP_RUNS, Pacer
 from .records import RunRecord
 from .retry import Breaker
 from .settings import AuditSettings
@@ -154,6 +155,8 @@ class Writer:
         """
         self.settings = settings
         self._max_queue = settings.max_queue_rows
+        # pauses only well below the queue's limit (pacing.py)
+        self._pacer = Pacer(keep_up=min(KEEP_UP_RUNS, settings.max_queue_rows // 2))
         self._batch_rows = settings.batch_rows
         self.tracker = RunTracker(settings.max_pending_runs, settings.run_ttl_s)
         self._sweep_every = min(settings.run_ttl_s / 4, 60.0)
@@ -171,6 +174,7 @@ class Writer:
         self._lock = threading.Lock()  # builder start/stop, counters
         self._builder: threading.Thread | None = None
         self._stopping = False
+        self._waiting = 0  # callers blocked in flush() or another request
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
         self._warned: dict[str, float] = {}
@@ -296,8 +300,16 @@ class Writer:
         if self._builder is None:
             self._start()
         self._wake.set()
-        if not wait or not marker.done.wait(timeout):
+        if not wait:
             return False, None
+        with self._lock:
+            self._waiting += 1  # the caller blocks: the builder need not pause for it
+        try:
+            if not marker.done.wait(timeout):
+                return False, None
+        finally:
+            with self._lock:
+                self._waiting -= 1
         return marker.ok and self._unwritten() == marker.unwritten_before, marker.stats
 
     def _requeue(self, runs: Sequence[Run]) -> None:
@@ -374,6 +386,7 @@ class Writer:
         """Runs popped off the queue's head as they are asked for, up to a request (which
         is popped and put in `found`)."""
         records = self._records
+        pacer = self._pacer
         while True:
             try:
                 item = records.popleft()
@@ -383,6 +396,8 @@ class Writer:
                 found.append(item)
                 return
             yield item
+            if not (self._stopping or self._waiting):  # short lock holds (pacing.py)
+                pacer.tick(len(records))
 
     def _sweep(self) -> None:
         self._submit_unended(self.tracker.sweep(time.time()))
