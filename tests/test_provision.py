@@ -344,6 +344,7 @@ def test_auto_create_views_off_makes_the_table_and_no_view(bq_client, table_name
 
 
 @pytest.mark.usefixtures("writer_makes_views")
+@pytest.mark.usefixtures("writer_makes_views")
 def test_a_short_script_on_a_new_table_leaves_every_view(emulator, bq_client, table_name) -> None:
     """A script that makes a few calls on a brand-new table and exits without `flush()`:
     its exit drain waits for the views, so every view is there when it ends (README,
