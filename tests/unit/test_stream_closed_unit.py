@@ -123,3 +123,44 @@ def test_a_parent_ending_while_a_run_inside_it_starts_loses_no_row(tmp_path) -> 
         assert sorted(r.name for r in submitted) == ["kid", "late", "parent"], nth
         if not played:
             return
+
+
+def test_two_calls_that_share_a_run_id_are_not_cut_off_by_each_other(tmp_path) -> None:
+    """Two concurrent calls given one `run_id` (counted in `run_id_collisions`): the first
+    ends, finished, while the run inside the second is still running."""
+    from langchain_core.runnables import RunnableConfig, RunnableLambda
+
+    h, submitted = handler(tmp_path)
+    second_started, first_ended = threading.Event(), threading.Event()
+
+    def work(role: str) -> str:
+        if role == "first":  # ends once the second call's inner run is running
+            assert second_started.wait(10)
+        else:
+            second_started.set()
+            assert first_ended.wait(10)
+        return role
+
+    inner = RunnableLambda(work, name="inner")
+
+    def call(role: str, config: RunnableConfig) -> str:
+        return inner.invoke(role, config)
+
+    outer = RunnableLambda(call, name="outer")
+    config: RunnableConfig = {"callbacks": [h], "run_id": uuid.uuid4()}
+
+    def first() -> None:
+        outer.invoke("first", dict(config))  # type: ignore[arg-type]
+        first_ended.set()
+
+    runs = [threading.Thread(target=first)]
+    runs[0].start()
+    while not h._runs:  # the first call has started
+        threading.Event().wait(0.001)
+    runs.append(threading.Thread(target=outer.invoke, args=("second", dict(config))))
+    runs[1].start()
+    for thread in runs:
+        thread.join(10)
+    assert h._tracker.run_id_collisions == 1
+    assert sorted(r.name for r in submitted) == ["inner", "inner", "outer", "outer"]
+    assert [(r.name, type(r.error).__name__) for r in submitted if r.error] == []
