@@ -264,7 +264,9 @@ class BigQueryAuditHandler(BaseCallbackHandler):
 
     def _end(self, run_id: UUID, outputs: Any, error: BaseException | None, kwargs: Any) -> None:
         key: Any = run_id
+        shared = False  # another pending run has this id: whose children are whose is unknown
         if self._tracker.repeats and run_id in self._tracker.repeats:
+            shared = True
             key = self._tracker.key_to_end(run_id, threading.get_ident())
         rec = self._runs.get(key)
         if rec is None or rec.owner is not self:
@@ -288,7 +290,7 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         # the part it had): marked when the run above it was found cut off
         cut = rec.error if error is None and isinstance(rec.error, StreamClosed) else None
         children, rec.children = rec.children, None
-        if children is not None and error is None:
+        if children is not None and error is None and not shared:
             # a copy first: another thread may start a run inside it meanwhile
             running = [r for r in map(self._runs.get, list(children)) if r is not None]
             if running:  # cut off: a sync stream closed by its consumer
