@@ -191,10 +191,12 @@ class BigQueryAuditHandler(BaseCallbackHandler):
             parent = runs.get(parent_run_id)
             if parent is not None:
                 trace_id = parent.trace_id
-                if parent.children is None:  # a race here loses a child: only a false "ok"
+                # read once: the parent may be ending in another thread (its set is let go)
+                children = parent.children
+                if children is None:  # a race here loses a child: only a false "ok"
                     parent.children = {run_id}
                 else:
-                    parent.children.add(run_id)
+                    children.add(run_id)
             else:
                 trace_id = parent_run_id
         # A shallow copy of a dict input guards against the caller mutating it before the
@@ -262,7 +264,9 @@ class BigQueryAuditHandler(BaseCallbackHandler):
 
     def _end(self, run_id: UUID, outputs: Any, error: BaseException | None, kwargs: Any) -> None:
         key: Any = run_id
+        shared = False  # another pending run has this id: whose children are whose is unknown
         if self._tracker.repeats and run_id in self._tracker.repeats:
+            shared = True
             key = self._tracker.key_to_end(run_id, threading.get_ident())
         rec = self._runs.get(key)
         if rec is None or rec.owner is not self:
@@ -278,20 +282,33 @@ class BigQueryAuditHandler(BaseCallbackHandler):
         if late_inputs is not None:  # streamed chains only know their input at the end
             rec.inputs = late_inputs
         parent = self._runs.get(rec.parent_run_id) if rec.parent_run_id is not None else None
-        if parent is not None and parent.children:
-            parent.children.discard(run_id)
+        siblings = parent.children if parent is not None else None  # read once (threads)
+        if siblings:
+            siblings.discard(run_id)
         keep = rec.keep
-        if rec.children is not None:
-            running = sum(1 for child in rec.children if child in self._runs)
-            rec.children = None
-            if running and error is None:  # cut off: a sync stream closed by its consumer
-                rec.status = "error"
-                rec.error = StreamClosed(
-                    f"ended while {running} run(s) inside it were still running: "
+        # a run inside a closed stream ends after it, as if it had finished (a parser with
+        # the part it had): marked when the run above it was found cut off
+        cut = rec.error if error is None and isinstance(rec.error, StreamClosed) else None
+        children, rec.children = rec.children, None
+        if children is not None and error is None and not shared:
+            # a copy first: another thread may start a run inside it meanwhile
+            running = [r for r in map(self._runs.get, list(children)) if r is not None]
+            if running:  # cut off: a sync stream closed by its consumer
+                cut = StreamClosed(
+                    f"ended while {len(running)} run(s) inside it were still running: "
                     "its output is what it had when cut off"
                 )
-                rec.sample_rate = 1.0
-                keep = keep is not False
+                inside = StreamClosed(
+                    "the stream it ran in was closed: its output is what it had when cut off"
+                )
+                for child in running:
+                    if child.error is None:
+                        child.error = inside
+        if cut is not None:
+            rec.status = "error"
+            rec.error = cut
+            rec.sample_rate = 1.0
+            keep = keep is not False
         if error is not None:
             rec.status = "error"
             rec.error = error

@@ -19,6 +19,7 @@ from langchain_core.language_models.fake_chat_models import (
     GenericFakeChatModel,
 )
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableLambda
@@ -358,6 +359,32 @@ def test_a_stream_the_caller_closes_gives_cancelled_rows(make_handler, read_rows
     assert cut["output_text"] in ("".join(seen), "".join(seen[:-1])), cut["output_text"]
     assert cut["error_type"] == "StreamClosed"
     assert "still running" in cut["error_message"]
+
+
+def test_a_closed_stream_leaves_no_run_inside_it_ok_with_part_of_its_output(
+    make_handler, read_rows
+) -> None:
+    """prompt | model | parser, the usual chain, closed early: the parser (and the model)
+    end after the sequence, with `on_chain_end` of what they had (langchain-core swallows
+    the close); the parser's row must not say `ok` with the part the consumer took."""
+    handler = make_handler()
+    answer = "a rather long answer that streams"
+    chain = (
+        ChatPromptTemplate.from_messages([("human", "{q}")])
+        | FakeListChatModel(responses=[answer])
+        | StrOutputParser()
+    )
+    stream = chain.stream({"q": "x"}, config={"callbacks": [handler]})
+    seen = [next(stream) for _ in range(3)]
+    stream.close()
+    assert handler.flush(timeout=60)
+
+    rows = read_rows()
+    assert one(rows, name="RunnableSequence")["status"] == "cancelled"
+    parser = one(rows, name="StrOutputParser")
+    assert answer.startswith(parser["output_text"]) and parser["output_text"] != answer
+    assert len(parser["output_text"]) <= len(seen)
+    assert (parser["status"], parser["error_type"]) == ("cancelled", "StreamClosed"), parser
 
 
 def test_a_run_that_stops_reading_a_stream_and_goes_on_is_ok(make_handler, read_rows) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -190,3 +191,33 @@ def test_bad_configuration_gets_a_clear_error(monkeypatch) -> None:
     assert "BQ_AUDIT_BATCH_ROWS='many' is not valid" in _settings_errors({})
     monkeypatch.setenv("BQ_AUDIT_BATCH_ROWS", "0")
     assert "batch_rows must be at least 1" in _settings_errors({})
+
+
+def test_sigterm_while_the_app_is_inside_a_flush_is_drained_not_hung(emulator, bq_client) -> None:
+    """The SIGTERM drain runs in the main thread, between two of its bytecodes: here while
+    the app's flush is inside the writer's wake-up (`threading.Event.set`, which holds the
+    event's lock; a loop of `flush` calls meets this about one SIGTERM in five). The drain
+    must not wait for that lock: the rows are written and the process dies of SIGTERM."""
+    table = f"sigterm_flush_{uuid.uuid4().hex[:6]}"
+    code = """
+        import os, signal, time
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        from langchain_bq_audit import BigQueryAuditHandler
+        handler = BigQueryAuditHandler(batch_age_s=3600, shutdown_timeout_s=20)
+        FakeListChatModel(responses=["bye"]).invoke("x", config={"callbacks": [handler]})
+        wake = handler._writer._wake
+        with wake._cond:  # where Event.set is when the signal is handled
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        """
+    env = {"BIGQUERY_EMULATOR_HOST": emulator.host_port, "BQ_AUDIT_PROJECT": emulator.project,
+           "BQ_AUDIT_TABLE": table}  # fmt: skip
+    try:
+        child = _run_child(code, env, timeout=45)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the SIGTERM drain hung on the lock the interrupted flush holds")
+    assert child.returncode == -signal.SIGTERM, child.stderr
+    rows = query(
+        bq_client, f"SELECT name FROM `{bq_client.project}.language_model_logging.{table}`"
+    )
+    assert [r["name"] for r in rows] == ["FakeListChatModel"]
