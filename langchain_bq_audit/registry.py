@@ -151,9 +151,29 @@ def _atexit_drain() -> None:
     shutdown(_drain_timeout())
 
 
+_sigterm_drain: threading.Thread | None = None  # the drain a SIGTERM started, once
+_sigterm_drained = threading.Event()
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
-    EXITING.set()  # (a previous handler that keeps the process alive: views may still come)
-    shutdown(_drain_timeout())
+    """Drain in a thread of its own, then act on the signal as before us.
+
+    The handler runs in the main thread between two of its bytecodes, maybe inside a lock
+    that the writer's threads need (`submit`, `flush`): a drain waited for here could wait
+    on that lock for good. So the first SIGTERM starts the drain and returns; the drain
+    sends SIGTERM again when it is done (a real signal: a blocking call of the main thread
+    is interrupted), and this handler then does what the previous one would have.
+    """
+    global _sigterm_drain
+    if not _sigterm_drained.is_set():
+        if _sigterm_drain is None:
+            EXITING.set()  # (a previous handler that keeps the process alive: views may come)
+            _sigterm_drain = threading.Thread(target=_drain_then_resignal, args=(signum,),
+                                              name="bq-audit-sigterm-drain")  # fmt: skip
+            _sigterm_drain.start()  # not a daemon: an ending interpreter waits for it
+        return  # a second SIGTERM while draining: the drain's own comes when it is done
+    _sigterm_drain = None  # the process may go on (a handler of the app's): drain each time
+    _sigterm_drained.clear()
     previous = _previous_sigterm
     if callable(previous):
         previous(signum, frame)
@@ -162,6 +182,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     else:  # the default action: die of SIGTERM, as the process would have without us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _drain_then_resignal(signum: int) -> None:
+    try:
+        shutdown(_drain_timeout())
+    finally:
+        _sigterm_drained.set()
+        os.kill(os.getpid(), signum)
 
 
 def _install_hooks(settings: AuditSettings) -> None:
@@ -184,8 +212,10 @@ def _install_hooks(settings: AuditSettings) -> None:
 def _after_fork_in_child() -> None:
     # The child's copies of the parent's queued rows belong to the parent, which writes
     # them; the child starts empty, with threads of its own on first use.
-    global _registry_lock
+    global _registry_lock, _sigterm_drain
     _registry_lock = threading.Lock()
+    _sigterm_drain = None  # the parent's drain, if one ran, is not the child's
+    _sigterm_drained.clear()
     for writer in _writers.values():
         writer._after_fork_in_child()
 
