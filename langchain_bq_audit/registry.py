@@ -153,6 +153,7 @@ def _atexit_drain() -> None:
 
 _sigterm_drain: threading.Thread | None = None  # the drain a SIGTERM started, once
 _sigterm_drained = threading.Event()
+_sigterm_more: list[int] = []  # SIGTERMs that came while a drain ran
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -171,9 +172,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             _sigterm_drain = threading.Thread(target=_drain_then_resignal, args=(signum,),
                                               name="bq-audit-sigterm-drain")  # fmt: skip
             _sigterm_drain.start()  # not a daemon: an ending interpreter waits for it
-        return  # a second SIGTERM while draining: the drain's own comes when it is done
+        else:
+            _sigterm_more.append(signum)  # another while draining: handled after, in turn
+        return
     _sigterm_drain = None  # the process may go on (a handler of the app's): drain each time
     _sigterm_drained.clear()
+    if _sigterm_more:  # as before us: each SIGTERM reaches the previous handler
+        _sigterm_more.pop()
+        os.kill(os.getpid(), signum)
     previous = _previous_sigterm
     if callable(previous):
         previous(signum, frame)
@@ -216,6 +222,7 @@ def _after_fork_in_child() -> None:
     _registry_lock = threading.Lock()
     _sigterm_drain = None  # the parent's drain, if one ran, is not the child's
     _sigterm_drained.clear()
+    _sigterm_more.clear()
     for writer in _writers.values():
         writer._after_fork_in_child()
 

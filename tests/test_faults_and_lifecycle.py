@@ -221,3 +221,44 @@ def test_sigterm_while_the_app_is_inside_a_flush_is_drained_not_hung(emulator, b
         bq_client, f"SELECT name FROM `{bq_client.project}.language_model_logging.{table}`"
     )
     assert [r["name"] for r in rows] == ["FakeListChatModel"]
+
+
+def test_each_sigterm_reaches_the_apps_own_handler_after_a_drain(emulator, bq_client) -> None:
+    """An app whose own SIGTERM handler keeps it running (a server's graceful shutdown
+    counts them): every SIGTERM still reaches that handler, one that comes while the drain
+    of the one before runs too, and each drains what was queued by then."""
+    table = f"sigterm_app_{uuid.uuid4().hex[:6]}"
+    code = """
+        import os, signal, time
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        from langchain_bq_audit import BigQueryAuditHandler, registry
+        got = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+        handler = BigQueryAuditHandler(batch_age_s=3600, shutdown_timeout_s=20)
+        model = FakeListChatModel(responses=["one", "two"])
+
+        def wait(n):
+            deadline = time.monotonic() + 60
+            while len(got) < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(got) == n, got
+
+        model.invoke("x", config={"callbacks": [handler]})
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert registry._sigterm_drain is not None  # the first drain runs
+        os.kill(os.getpid(), signal.SIGTERM)  # a second while it runs
+        wait(2)
+        model.invoke("y", config={"callbacks": [handler]})
+        os.kill(os.getpid(), signal.SIGTERM)  # the process went on: a third drains again
+        wait(3)
+        print("went on")
+        """
+    env = {"BIGQUERY_EMULATOR_HOST": emulator.host_port, "BQ_AUDIT_PROJECT": emulator.project,
+           "BQ_AUDIT_TABLE": table}  # fmt: skip
+    child = _run_child(code, env, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert "went on" in child.stdout
+    rows = query(
+        bq_client, f"SELECT output_text FROM `{bq_client.project}.language_model_logging.{table}`"
+    )
+    assert sorted(r["output_text"] for r in rows) == ["one", "two"]
