@@ -195,7 +195,11 @@ def _drain_then_resignal(signum: int) -> None:
         shutdown(_drain_timeout())
     finally:
         _sigterm_drained.set()
-        os.kill(os.getpid(), signum)
+        main = threading.main_thread().ident
+        if hasattr(signal, "pthread_kill") and main is not None:
+            signal.pthread_kill(main, signum)  # to the main thread: its blocking call wakes
+        else:
+            os.kill(os.getpid(), signum)
 
 
 def _install_hooks(settings: AuditSettings) -> None:
