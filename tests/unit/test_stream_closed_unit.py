@@ -59,14 +59,21 @@ def in_end(frame: FrameType) -> bool:  # `_end` and the comprehensions in it
     return frame.f_code.co_name in ("_end", "<genexpr>", "<listcomp>")
 
 
+def parent_with_an_ended_kid(tmp_path: Any) -> tuple[Any, list[Any], uuid.UUID, uuid.UUID]:
+    """A handler with a pending parent whose first child has ended, the records it
+    submits, the parent's run id and the id for a late child."""
+    h, submitted = handler(tmp_path)
+    parent, kid = uuid.uuid4(), uuid.uuid4()
+    h.on_chain_start({}, {}, run_id=parent, name="parent")
+    h.on_chain_start({}, {}, run_id=kid, parent_run_id=parent, name="kid")
+    h.on_chain_end({}, run_id=kid)
+    return h, submitted, parent, uuid.uuid4()
+
+
 def test_a_run_starting_while_its_parent_ends_in_another_thread_loses_no_row(tmp_path) -> None:
     """The other thread has found the parent and goes on at some line of the parent's end."""
     for nth in range(200):
-        h, submitted = handler(tmp_path)
-        parent, kid, late = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-        h.on_chain_start({}, {}, run_id=parent, name="parent")
-        h.on_chain_start({}, {}, run_id=kid, parent_run_id=parent, name="kid")
-        h.on_chain_end({}, run_id=kid)
+        h, submitted, parent, late = parent_with_an_ended_kid(tmp_path)
         found, go = threading.Event(), threading.Event()
 
         def late_start(h: BigQueryAuditHandler = h, late: uuid.UUID = late,
@@ -102,11 +109,7 @@ def test_a_run_starting_while_its_parent_ends_in_another_thread_loses_no_row(tmp
 def test_a_parent_ending_while_a_run_inside_it_starts_loses_no_row(tmp_path) -> None:
     """The parent ends, in the other thread, at some line of the start of a run inside it."""
     for nth in range(200):
-        h, submitted = handler(tmp_path)
-        parent, kid, late = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-        h.on_chain_start({}, {}, run_id=parent, name="parent")
-        h.on_chain_start({}, {}, run_id=kid, parent_run_id=parent, name="kid")
-        h.on_chain_end({}, run_id=kid)
+        h, submitted, parent, late = parent_with_an_ended_kid(tmp_path)
         played = traced(
             lambda h=h, late=late, parent=parent: h.on_chain_start(
                 {}, {}, run_id=late, parent_run_id=parent, name="late"
