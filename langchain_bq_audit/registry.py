@@ -167,14 +167,18 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """
     global _sigterm_drain
     if not _sigterm_drained.is_set():
-        if _sigterm_drain is None:
-            EXITING.set()  # (a previous handler that keeps the process alive: views may come)
-            _sigterm_drain = threading.Thread(target=_drain_then_resignal, args=(signum,),
-                                              name="bq-audit-sigterm-drain")  # fmt: skip
-            _sigterm_drain.start()  # not a daemon: an ending interpreter waits for it
-        else:
+        if _sigterm_drain is not None:
             _sigterm_more.append(signum)  # another while draining: handled after, in turn
-        return
+            return
+        EXITING.set()  # (a previous handler that keeps the process alive: views may come)
+        # set before it starts: its signal back may be handled before `start` returns
+        _sigterm_drain = threading.Thread(target=_drain_then_resignal, args=(signum,),
+                                          name="bq-audit-sigterm-drain")  # fmt: skip
+        try:
+            _sigterm_drain.start()  # not a daemon: an ending interpreter waits for it
+            return
+        except RuntimeError:  # the interpreter is ending (no new threads): drain here
+            shutdown(_drain_timeout())
     _sigterm_drain = None  # the process may go on (a handler of the app's): drain each time
     _sigterm_drained.clear()
     if _sigterm_more:  # as before us: each SIGTERM reaches the previous handler
