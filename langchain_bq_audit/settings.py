@@ -150,10 +150,13 @@ class AuditSettings:
     `registry.auto_writer_process`)."""
 
     def __post_init__(self) -> None:
+        for name, type_name in (
+            ("writer_process", "bool | None"), ("user_visible", "bool"), ("sample_rate", "float"),
+        ):  # fmt: skip
+            value = getattr(self, name)  # "auto", "false", "0.5": as from the environment
+            if isinstance(value, str):
+                object.__setattr__(self, name, _parse(name, type_name, value, given=True))
         self._check_volume()
-        if isinstance(self.writer_process, str):  # "auto", "true", "0"...: as from the env
-            value = _parse("writer_process", "bool | None", self.writer_process, given=True)
-            object.__setattr__(self, "writer_process", value)
         if self.prices is not None:  # checked now: a bad price is a clear error here, not later
             from .cost import parse_prices
 
@@ -215,10 +218,6 @@ class AuditSettings:
                 f"run_types: unknown run type(s) {', '.join(map(repr, unknown))}; "
                 f"known: {', '.join(RUN_TYPES)}"
             )
-        for name, type_name in (("user_visible", "bool"), ("sample_rate", "float")):
-            value = getattr(self, name)  # "false", "0.5": as from the environment
-            if isinstance(value, str):
-                object.__setattr__(self, name, _parse(name, type_name, value, given=True))
         if not isinstance(self.sample_rate, (int, float)) or isinstance(self.sample_rate, bool):
             raise ValueError(f"sample_rate must be a number, got {self.sample_rate!r}")
         if not 0.0 <= self.sample_rate <= 1.0:  # NaN fails too
