@@ -182,6 +182,20 @@ def ensure_views(client: Any, settings: AuditSettings, timeout: float = 30.0) ->
     return _ensure_views(client, table_id(client, settings), opts)
 
 
+def views_made(client: Any, settings: AuditSettings, timeout: float = 30.0) -> bool:
+    """Whether every view of `settings`' table is there, as a view (False too when that
+    cannot be told: BigQuery unreachable)."""
+    opts: dict[str, Any] = {"retry": None, "timeout": timeout}
+    try:
+        full_id = table_id(client, settings)
+        return all(
+            client.get_table(full_id + suffix, **opts).table_type == "VIEW"
+            for suffix in views.VIEWS
+        )
+    except Exception:
+        return False
+
+
 def _ensure_views(client: Any, full_id: str, opts: dict[str, Any]) -> dict[str, str]:
     return {
         view_id: _ensure_view(client, view_id, query, description, opts)

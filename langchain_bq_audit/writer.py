@@ -774,7 +774,7 @@ class ThreadChannel:
         may collide (the local BigQuery's write conflict, a reset connection): tried again a
         few times. A failure costs no row: one warning naming `bq-audit init`; a view name
         that a table holds is left alone, with a warning."""
-        from .provision import ensure_views, views_left_alone
+        from .provision import ensure_views, views_left_alone, views_made
         from .retry import backoff_delays
 
         error: Exception | None = None
@@ -792,28 +792,14 @@ class ThreadChannel:
                 self._warn("views", f"langchain-bq-audit: {line}")
             error = None
             break
-        if error is not None and not self._views_exist():  # another process may have made them
+        # another process of the same new table may have made them while its requests collided
+        if error is not None and not views_made(
+            self._client, self.settings, self.settings.request_timeout_s
+        ):
             self._warn("views", f"langchain-bq-audit: the views of {self.destination} were "
                        f"not made ({type(error).__name__}: {error}); the rows are written; "
                        "make them with `bq-audit init`")  # fmt: skip
         self._views_pending = False
-
-    def _views_exist(self) -> bool:
-        """Whether every view of the table is there (made by another process of the same new
-        table while this one's requests collided with it)."""
-        from . import views
-        from .provision import table_id
-
-        try:
-            full_id = table_id(self._client, self.settings)
-            return all(
-                self._client.get_table(full_id + suffix, retry=None,
-                                       timeout=self.settings.request_timeout_s).table_type
-                == "VIEW"
-                for suffix in views.VIEWS
-            )  # fmt: skip
-        except Exception:
-            return False
 
     def wait_views(self, deadline: float | None) -> None:
         """Wait, until `deadline` at most, for views being made (see `_start_views`)."""
