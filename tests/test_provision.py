@@ -59,25 +59,45 @@ def definition_of(table: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def dataset_definition(made: Any) -> dict[str, Any]:
+    """What the three makers must agree on for a dataset: a BigQuery `Dataset` read back, or
+    the inputs of Pulumi's (camelCase)."""
+    if isinstance(made, dict):
+        got = [made.get(k) for k in ("location", "description", "labels")]
+        expiration = made.get("defaultPartitionExpirationMs")
+    else:
+        got = [made.location, made.description, made.labels]
+        expiration = made.default_partition_expiration_ms
+    return {
+        **dict(zip(("location", "description", "labels"), got, strict=True)),
+        "default_partition_expiration_ms": None if expiration is None else int(expiration),
+    }
+
+
 @pytest.mark.usefixtures("writer_makes_views")
 def test_init_the_writer_and_pulumi_build_the_same_table(
     emulator, bq_client, table_name, mocks
 ) -> None:
+    # Datasets of this test's own: the shared default dataset is made first by whichever test
+    # of the worker comes first, often a plain `create_dataset`, so its description says
+    # nothing about the maker under test.
+    by = {"init": f"d_{table_name}_init", "writer": f"d_{table_name}_writer"}
     expected = schema.table_definition(30, {"team": "ml"})
 
-    proc = cli(emulator, "init", "--table", f"{table_name}_init", "--retention-days", "30",
-               "--labels", "team=ml")  # fmt: skip
+    proc = cli(emulator, "init", "--dataset", by["init"], "--table", table_name,
+               "--retention-days", "30", "--labels", "team=ml")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert f"table local.{DATASET}.{table_name}_init: created" in proc.stdout
+    assert f"dataset local.{by['init']}: created" in proc.stdout, proc.stdout
+    assert f"table local.{by['init']}.{table_name}: created" in proc.stdout
     for suffix in views.VIEWS:  # every view (`_otel`, `_nodes`, ...); Pulumi's: test_infra.py
-        assert f"view local.{DATASET}.{table_name}_init{suffix}: created" in proc.stdout
-    by_init = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_init")
+        assert f"view local.{by['init']}.{table_name}{suffix}: created" in proc.stdout
+    by_init = bq_client.get_table(f"{bq_client.project}.{by['init']}.{table_name}")
 
-    handler = BigQueryAuditHandler(client=bq_client, table=f"{table_name}_writer",
+    handler = BigQueryAuditHandler(client=bq_client, dataset=by["writer"], table=table_name,
                                    retention_days=30, labels="team=ml")  # fmt: skip
     FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler]})
     assert handler.flush(timeout=60)
-    by_writer = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_writer")
+    by_writer = bq_client.get_table(f"{bq_client.project}.{by['writer']}.{table_name}")
 
     declare(lambda: AuditLogInfra("audit", retention_days=30, labels={"team": "ml"}))
     tables = {t["tableId"]: t for t in mocks.of_type("gcp:bigquery/table:Table")}
@@ -89,20 +109,30 @@ def test_init_the_writer_and_pulumi_build_the_same_table(
     # the signed digests' table too, by init and by Pulumi (clustering: none)
     digests = schema.digest_table_definition(30, {"team": "ml"})
     by_init_digests = definition_of(
-        bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_init_digests")
+        bq_client.get_table(f"{bq_client.project}.{by['init']}.{table_name}_digests")
     )
     assert {**by_init_digests, "clustering": by_init_digests["clustering"] or []} == digests
     assert pulumi_table_definition(tables["inference_logs_digests"]) == digests
-    dataset = bq_client.get_dataset(f"{bq_client.project}.{DATASET}")
-    assert dataset.location == "US"
-    assert dataset.description == schema.DATASET_DESCRIPTION
 
-    again = cli(emulator, "init", "--table", f"{table_name}_init")  # idempotent
+    # the dataset each made: US, described, labelled, and expiring partitions by default
+    expected_dataset = {
+        "location": "US",
+        "description": schema.DATASET_DESCRIPTION,
+        "labels": expected["labels"],
+        "default_partition_expiration_ms": expected["time_partitioning"]["expiration_ms"],
+    }
+    for name in by.values():
+        made = bq_client.get_dataset(f"{bq_client.project}.{name}")
+        assert dataset_definition(made) == expected_dataset, name
+    (pulumi_dataset,) = mocks.of_type("gcp:bigquery/dataset:Dataset")
+    assert dataset_definition(pulumi_dataset) == expected_dataset
+
+    again = cli(emulator, "init", "--dataset", by["init"], "--table", table_name)  # idempotent
     assert again.returncode == 0, again.stderr
-    assert f"table local.{DATASET}.{table_name}_init: up to date" in again.stdout
+    assert f"table local.{by['init']}.{table_name}: up to date" in again.stdout
     assert "created" not in again.stdout and "updated" not in again.stdout
     assert (
-        definition_of(bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_init"))
+        definition_of(bq_client.get_table(f"{bq_client.project}.{by['init']}.{table_name}"))
         == expected
     )
 
