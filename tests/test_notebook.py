@@ -148,7 +148,12 @@ def test_trace_timeline_and_usage_plots_show_what_the_table_holds(
     assert not cost_ax.lines and "no call has a price" in cost_ax.texts[0].get_text()
     tokens_ax.figure.savefig(tmp_path / "usage.png")
     timeline, usage_png = ((tmp_path / n).read_bytes() for n in ("trace.png", "usage.png"))
-    assert pixels(timeline, "tab:blue") > 100 and pixels(timeline, "tab:gray") > 1000
+    # The model call's bar is as wide as its share of the trace, which a loaded machine
+    # shrinks to a few pixels: every pixel wholly inside the bar must be blue.
+    box = bars[2].get_window_extent()  # in the saved image's pixels (savefig.dpi: "figure")
+    inside = max(0, int(box.width) - 2) * max(0, int(box.height) - 2)
+    assert int(box.height) > 10 and pixels(timeline, "tab:blue") >= inside
+    assert pixels(timeline, "tab:gray") > 1000  # the root's bar spans the whole axis
     assert pixels(usage_png, "tab:blue") > 100  # the tokens line
 
 
