@@ -21,7 +21,14 @@ from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.spool import read_segment
 from langchain_bq_audit.views import dedup
 
-from .conftest import assert_accounted, count, create_table_with_required_user, query, wait_for
+from .conftest import (
+    assert_accounted,
+    count,
+    create_table_with_required_user,
+    delivered,
+    query,
+    wait_for,
+)
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
@@ -50,18 +57,14 @@ def test_outage_in_the_middle_of_10000_calls_loses_nothing(
     model = FakeListChatModel(responses=["ok"])
     for i in range(10_000):
         if i == 2_000:
-            assert handler.flush(timeout=60)  # the table exists and rows flow
+            delivered(handler, 2_000)  # the table exists and rows flow
             proxy.set_mode("reset")
         if i == 8_000:  # keep the outage until it outlasts the retries and rows hit disk
             wait_for(lambda: handler.stats()["spooled"] > 0, 30, "rows to be spooled")
             proxy.set_mode("pass")
         model.invoke("q", config={"callbacks": [handler], "metadata": {"user_id": str(i)}})
 
-    def all_in() -> bool:
-        s = handler.stats()
-        return s["queued"] == 0 and s["spool_bytes"] == 0 and s["written"] + s["replayed"] >= 10_000
-
-    wait_for(all_in, 90, "every row to be written or replayed")
+    delivered(handler, 10_000, 180)  # the next probe finds BigQuery back (at most 30 s)
     stats = handler.stats()
     assert_accounted(stats)
     assert stats["accepted"] == stats["written"] + stats["spooled"] == 10_000

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,13 @@ from langchain_bq_audit.integrity import verify
 from langchain_bq_audit.settings import AuditSettings
 from langchain_bq_audit.spool import read_segment
 
-from .conftest import assert_accounted, create_table_with_required_user, query, wait_for
+from .conftest import (
+    assert_accounted,
+    create_table_with_required_user,
+    delivered,
+    query,
+    wait_for,
+)
 from .proxy import FaultProxy
 
 DATASET = "language_model_logging"
@@ -130,18 +135,9 @@ def test_write_api_outage_spools_then_replays_every_row(
     def call(i: int) -> None:
         model.invoke("q", config={"callbacks": [handler], "metadata": {"user_id": str(i)}})
 
-    def all_in(n: int) -> Callable[[], bool]:
-        def done() -> bool:
-            s = handler.stats()
-            return s["queued"] == 0 and s["spool_bytes"] == 0 and s["written"] + s["replayed"] >= n
-
-        return done
-
     for i in range(100):
         call(i)
-    # the long-lived call is open and rows flow (a loaded emulator slower than the 2 s
-    # request timeout spools a batch, and the next probe replays it: none is lost)
-    wait_for(all_in(100), 120, "the first 100 rows")
+    delivered(handler, 100)  # the long-lived call is open and rows flow
     spooled_before = handler.stats()["spooled"]
     grpc_proxy.set_mode(fault)
     for i in range(100, 400):
@@ -155,7 +151,7 @@ def test_write_api_outage_spools_then_replays_every_row(
     for i in range(400, 500):
         call(i)
     # ...and are replayed when a probe finds BigQuery again: probes back off to 30 s
-    wait_for(all_in(500), 180, "the spool to be replayed")
+    delivered(handler, 500, 180)
     stats = handler.stats()  # rows made while the writer still thought BigQuery away: spooled
     assert_accounted(stats)
     assert stats["replayed"] == stats["spooled"] >= 300 and stats["dropped"] == 0
