@@ -5,6 +5,7 @@ so each test plays the other thread's part at each line in turn (a line trace)."
 from __future__ import annotations
 
 import linecache
+import re
 import sys
 import threading
 import uuid
@@ -20,8 +21,11 @@ HANDLER_PY = str(Path(BigQueryAuditHandler.__module__.replace(".", "/")).with_su
 
 
 def handler(tmp_path: Path) -> tuple[BigQueryAuditHandler, list[RunRecord]]:
-    made = BigQueryAuditHandler(project="local", table="t", spool_dir=str(tmp_path),
-                                handle_sigterm=False)  # fmt: skip
+    """A handler of a table of this test's own (its `tmp_path`): the handlers of one table
+    share a writer for the whole process, and its run tracker (`_runs`, the collision
+    count) with it."""
+    made = BigQueryAuditHandler(project="local", table="t_" + re.sub(r"\W", "_", tmp_path.name),
+                                spool_dir=str(tmp_path), handle_sigterm=False)  # fmt: skip
     submitted: list[RunRecord] = []
     made._submit = submitted.append  # the records it would write, not a writer's
     return made, submitted
