@@ -16,6 +16,7 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
 from langchain_bq_audit import BigQueryAuditHandler
 from langchain_bq_audit.emulator import LocalBigQuery
+from langchain_bq_audit.spool import read_segment
 
 from .conftest import query
 
@@ -27,6 +28,7 @@ def test_flush_returns_in_time_when_bigquery_is_gone(tmp_path) -> None:
         handler = BigQueryAuditHandler(
             client=bq.client(),
             table="gone",
+            spool_dir=str(tmp_path / "spool"),  # not the session's: its rows are this test's
             batch_age_s=0.05,
             request_timeout_s=1.0,
             batch_deadline_s=30.0,
@@ -118,6 +120,9 @@ def test_rows_are_written_at_exit_without_a_flush(emulator, bq_client) -> None:
 
 def test_exit_is_bounded_when_bigquery_is_unreachable(tmp_path) -> None:
     port = LocalBigQuery(tmp_path).port  # a free port nobody listens on
+    # a spool of its own: in the session's, the row it leaves for the default table would be
+    # replayed by the next process of this worker that writes there
+    spool = tmp_path / "spool"
     child = _run_child(
         """
         import time
@@ -128,7 +133,7 @@ def test_exit_is_bounded_when_bigquery_is_unreachable(tmp_path) -> None:
         FakeListChatModel(responses=["x"]).invoke("x", config={"callbacks": [handler]})
         print("last-call", time.time(), flush=True)
         """,
-        {"BIGQUERY_EMULATOR_HOST": f"127.0.0.1:{port}"},
+        {"BIGQUERY_EMULATOR_HOST": f"127.0.0.1:{port}", "BQ_AUDIT_SPOOL_DIR": str(spool)},
     )
     exited = time.time()
     assert child.returncode == 0, child.stderr
@@ -137,6 +142,9 @@ def test_exit_is_bounded_when_bigquery_is_unreachable(tmp_path) -> None:
     # retries an unbounded exit would wait for.
     elapsed = exited - float(child.stdout.split()[1])
     assert elapsed < 25, f"exit took {elapsed:.1f} s after the last call"
+    # and the row is not lost: spooled for the next process
+    (spooled,) = [r for seg in spool.rglob("*.seg") for r in read_segment(seg).records]
+    assert spooled["output_text"] == "x"
 
 
 def test_demo_command_against_a_running_emulator(emulator) -> None:
