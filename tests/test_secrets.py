@@ -168,12 +168,14 @@ def test_planted_secrets_never_reach_the_table(make_handler, read_rows, mode: st
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_planted_secrets_never_reach_the_spool(tmp_path: Path, mode: str) -> None:
+def test_planted_secrets_never_reach_the_spool(tmp_path: Path, table_name: str, mode: str) -> None:
     unreachable = FaultProxy(1)  # BigQuery cannot be reached: every row is spooled
     unreachable.set_mode("reset")
     spool = tmp_path / "spool"
+    # a table of its own: the process keeps one writer per table and endpoint, so a proxy
+    # given the port an earlier mode's had would get that writer, spooling to its folder
     handler = BigQueryAuditHandler(
-        table="spooled_secrets", emulator_host=unreachable.host_port, spool_dir=str(spool),
+        table=table_name, emulator_host=unreachable.host_port, spool_dir=str(spool),
         batch_age_s=0.01, batch_deadline_s=0.2, capture_mode=mode, capture_documents=True,
     )  # fmt: skip
     try:
