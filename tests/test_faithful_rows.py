@@ -7,7 +7,6 @@ import dataclasses
 import datetime as dt
 import decimal
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -28,6 +27,7 @@ from pydantic import BaseModel
 
 from langchain_bq_audit.rows import content_parts
 
+from .conftest import wait_for
 from .models import ScriptedChatModel, UsageLLM
 
 PNG_B64 = "iVBORw0KGgo" + "A" * 5000
@@ -306,18 +306,25 @@ def test_session_and_user_precedence(make_handler, read_rows, metadata, session,
 def test_cancelled_astream_gives_cancelled_rows(make_handler, read_rows) -> None:
     handler = make_handler()
     chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | FakeListChatModel(
-        responses=["a rather long answer that streams slowly"], sleep=0.01
+        responses=["a rather long answer that streams slowly"], sleep=1.0
     )
 
     async def main() -> str:
         seen: list[str] = []
+        first = asyncio.Event()
 
         async def consume() -> None:
             async for chunk in chain.astream({"q": "x"}, config={"callbacks": [handler]}):
                 seen.append(str(chunk.content))
+                first.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.08)
+        # cancelled mid-stream, inside the model's call: once a chunk came (not after a
+        # fixed 80 ms, which a loaded machine may spend before the first one), and once the
+        # consumer is back in the model, which sleeps a second before each chunk (the
+        # consumer gets there in a few turns of the loop, with no I/O)
+        await asyncio.wait_for(first.wait(), 60)
+        await asyncio.sleep(0.2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -415,16 +422,14 @@ def test_runs_without_an_end_are_swept_as_abandoned(make_handler, read_rows) -> 
     release = threading.Event()
 
     def hang(x: str) -> str:
-        release.wait(30)
+        release.wait(120)  # until released below, however long the sweep took
         return x
 
     worker = threading.Thread(
         target=lambda: RunnableLambda(hang).invoke("stuck", config={"callbacks": [handler]})
     )
     worker.start()
-    deadline = time.monotonic() + 10
-    while handler.stats()["abandoned"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: handler.stats()["abandoned"] == 1, 60, "the run to be swept as abandoned")
     assert handler.flush(timeout=60)
     (row,) = read_rows()
     assert row["status"] == "abandoned"
