@@ -374,29 +374,32 @@ def test_auto_create_views_off_makes_the_table_and_no_view(bq_client, table_name
 
 
 @pytest.mark.usefixtures("writer_makes_views")
-@pytest.mark.usefixtures("writer_makes_views")
 def test_a_short_script_on_a_new_table_leaves_every_view(emulator, bq_client, table_name) -> None:
     """A script that makes a few calls on a brand-new table and exits without `flush()`:
     its exit drain waits for the views, so every view is there when it ends (README,
     Infrastructure), or it says at exit that they are not all made, naming `bq-audit init`.
-    Here BigQuery takes 1.2 s to make a view (the `bq-audit emulator` CLI's local BigQuery
-    takes about 1 s), so the six views need more than the drain's 5 s."""
+    Here BigQuery takes 8 s to make a view (the `bq-audit emulator` CLI's local BigQuery
+    takes about 1 s), so the six views need more than the drain's 30 s; the drain's first
+    write (the table, maybe the dataset) has those 30 s. With the default 5 s, a loaded
+    machine's first write may not end in time: the row is spooled and no view is begun."""
     script = textwrap.dedent(f"""
         import time
         from langchain_core.language_models.fake_chat_models import FakeListChatModel
         from langchain_bq_audit import BigQueryAuditHandler, provision
         make_view = provision._ensure_view
         def slow_view(*args, **kwargs):
-            time.sleep(1.2)
+            time.sleep(8)
             return make_view(*args, **kwargs)
         provision._ensure_view = slow_view
-        handler = BigQueryAuditHandler(table="{table_name}")
+        handler = BigQueryAuditHandler(table="{table_name}", shutdown_timeout_s=30)
         FakeListChatModel(responses=["hi"]).invoke("q", config={{"callbacks": [handler]}})
         """)
     env = {**os.environ, "BIGQUERY_EMULATOR_HOST": emulator.host_port}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=180)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    rows = query(bq_client, f"SELECT output_text FROM `{bq_client.project}.{DATASET}.{table_name}`")
+    assert rows == [{"output_text": "hi"}], proc.stderr  # written by the drain, not spooled
     made = {t.table_id for t in bq_client.list_tables(f"{bq_client.project}.{DATASET}")}
     missing = [suffix for suffix in views.VIEWS if f"{table_name}{suffix}" not in made]
     assert missing == [] or (
