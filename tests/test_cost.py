@@ -186,7 +186,9 @@ def test_init_gives_a_table_from_before_cost_the_cost_columns_and_keeps_its_rows
     before.view_query = f"SELECT DATE(timestamp) AS day, COUNT(*) AS calls FROM `{full}` GROUP BY 1"
     bq_client.create_table(before)
 
-    init = bq_audit("init", "--endpoint", emulator.host_port, "--table", table_name)
+    # a busy emulator may take over init's default 30 s a request
+    init = bq_audit("init", "--endpoint", emulator.host_port, "--table", table_name,
+                    "--timeout", "120", timeout=600)  # fmt: skip
     assert init.returncode == 0, init.stderr
     assert f"table {full}: added columns {', '.join(COST_ERA)}" in init.stdout
     assert f"view {full}_sessions: created" in init.stdout

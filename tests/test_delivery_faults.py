@@ -348,7 +348,9 @@ def test_auto_create_off_keeps_rows_until_the_table_exists(
     stats = accounted(handler)
     assert (stats["spooled"], stats["written"]) == (5, 0)
     assert "auto_create is off" in caplog.text
-    init = bq_audit("init", "--table", table_name, "--endpoint", emulator.host_port)
+    # a busy emulator may take over init's default 30 s a request
+    init = bq_audit("init", "--table", table_name, "--endpoint", emulator.host_port,
+                    "--timeout", "120")  # fmt: skip
     assert init.returncode == 0, init.stderr
     wait_for(lambda: handler.stats()["replayed"] == 5, 120, "the replay once the table exists")
     assert count(bq_client, table_name) == 5

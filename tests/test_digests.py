@@ -371,9 +371,10 @@ def test_bad_keys_and_settings_fail_at_construction(bq_client, tmp_path: Path) -
 
 
 def test_init_creates_the_digests_table_from_schema_py(emulator, bq_client, table_name) -> None:
+    # a busy emulator may take over init's default 30 s a request
     cmd = [sys.executable, "-m", "langchain_bq_audit", "init", "--endpoint", emulator.host_port,
-           "--table", table_name]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+           "--table", table_name, "--timeout", "120"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"table local.{DATASET}.{table_name}_digests: created" in done.stdout
     table = bq_client.get_table(f"{bq_client.project}.{DATASET}.{table_name}_digests")
@@ -381,7 +382,7 @@ def test_init_creates_the_digests_table_from_schema_py(emulator, bq_client, tabl
         (c.name, c.type, c.mode) for c in schema.DIGEST_COLUMNS
     ]
     assert table.time_partitioning.field == "time"
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert f"{table_name}_digests: up to date" in again.stdout
 
 

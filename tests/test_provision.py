@@ -33,9 +33,12 @@ SEED_SCHEMA = [  # the original Pulumi program's table
 
 
 def cli(emulator: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    # init's requests may wait on a busy emulator longer than its default 30 s each
+    slow = ("--timeout", "120") if args[0] == "init" else ()
     return subprocess.run(
-        [sys.executable, "-m", "langchain_bq_audit", *args, "--endpoint", emulator.host_port],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "langchain_bq_audit", *args, *slow, "--endpoint",
+         emulator.host_port],
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
