@@ -452,7 +452,7 @@ def test_launcher_audits_an_unmodified_app_and_the_processes_it_starts(
            "LANGCHAIN_BQ_AUDIT": ""}  # fmt: skip
     argv = [*bq_audit, sys.executable, str(tmp_path / "check.py")]
     out = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+                         timeout=180)  # fmt: skip
     assert out.stdout.strip() == "theirs ran: yes", out.stderr
 
     stdout = run_app(tmp_path, [*bq_audit, sys.executable], env)

@@ -149,7 +149,7 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     # (its exit drain's deadline is not the point here: a long one, for a loaded machine)
     second = spawn(CHILD, {"table": table_name, "shutdown_timeout_s": 120}, 0, "none",
                    child_env(f"127.0.0.1:{proxy.target[1]}", spool_dir))  # fmt: skip
-    _, err = second.communicate(timeout=60)
+    _, err = second.communicate(timeout=180)
     assert second.returncode == 0, err
     rows = query(bq_client, dedup(f"{bq_client.project}.{DATASET}.{table_name}"))
     assert sorted(r["user_id"] for r in rows) == sorted(f"hung-{i}" for i in range(20))

@@ -80,7 +80,7 @@ def test_emulator_host_env_points_the_default_client(
     assert rows == [{"output_text": "via env"}]
 
 
-def _run_child(code: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+def _run_child(code: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**os.environ, **env},
@@ -221,7 +221,7 @@ def test_sigterm_while_the_app_is_inside_a_flush_is_drained_not_hung(emulator, b
     env = {"BIGQUERY_EMULATOR_HOST": emulator.host_port, "BQ_AUDIT_PROJECT": emulator.project,
            "BQ_AUDIT_TABLE": table}  # fmt: skip
     try:
-        child = _run_child(code, env, timeout=45)
+        child = _run_child(code, env, timeout=120)  # a hang is for good; start-up is slow
     except subprocess.TimeoutExpired:
         pytest.fail("the SIGTERM drain hung on the lock the interrupted flush holds")
     assert child.returncode == -signal.SIGTERM, child.stderr
