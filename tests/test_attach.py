@@ -306,7 +306,7 @@ def test_several_loops_threads_with_their_own_loops_and_sync_calling_async(
 
     worker = threading.Thread(target=sync_invoke, daemon=True)
     worker.start()
-    assert finished.wait(30), "a sync .invoke() hung"
+    assert finished.wait(60), "a sync .invoke() hung"
 
     async def sync_inside_a_loop() -> str:  # a blocking invoke from async code still ends
         return str(model.invoke("in-loop", config={"callbacks": [handler]}).content)

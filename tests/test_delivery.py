@@ -60,7 +60,7 @@ def test_outage_in_the_middle_of_10000_calls_loses_nothing(
             delivered(handler, 2_000)  # the table exists and rows flow
             proxy.set_mode("reset")
         if i == 8_000:  # keep the outage until it outlasts the retries and rows hit disk
-            wait_for(lambda: handler.stats()["spooled"] > 0, 30, "rows to be spooled")
+            wait_for(lambda: handler.stats()["spooled"] > 0, 90, "rows to be spooled")
             proxy.set_mode("pass")
         model.invoke("q", config={"callbacks": [handler], "metadata": {"user_id": str(i)}})
 
@@ -291,7 +291,7 @@ def test_spool_files_are_private(tmp_path, spool_dir) -> None:
         spool_dir=str(spool_dir), batch_age_s=0.01, batch_deadline_s=0.2,
     )  # fmt: skip
     FakeListChatModel(responses=["x"]).invoke("q", config={"callbacks": [handler]})
-    wait_for(lambda: handler.stats()["spooled"] == 1, 20, "the row to be spooled")
+    wait_for(lambda: handler.stats()["spooled"] == 1, 60, "the row to be spooled")
     handler.close(timeout=1)
     dead.close()
     (segment,) = spool_dir.rglob("*.seg")

@@ -269,7 +269,7 @@ def test_rows_after_the_last_digest_are_reported_unproven_not_proven(
     handler = make_handler(digest_key_file=str(key[0]), digest_every_rows=5, digest_every_s=3600)
     write_signed(handler, 7)
     assert handler.flush(timeout=60)  # not closed: seq 6-7 wait for the next digest
-    wait_for(lambda: len(digests_of(bq_client, table_name)) == 1, 30, "the first digest")
+    wait_for(lambda: len(digests_of(bq_client, table_name)) == 1, 60, "the first digest")
     rows = rows_of(bq_client, table_name)
     rewrite(bq_client, table_name, rows[6], output_text="edited in the window")
     code, out = verify(emulator, table_name, key[1])
@@ -293,7 +293,7 @@ def test_a_digest_is_signed_every_digest_every_s_while_idle(
             (1, 2)
         ]
 
-    wait_for(signed, 30, "a timed digest of seq 1-2")
+    wait_for(signed, 60, "a timed digest of seq 1-2")
 
 
 def test_the_writer_process_signs_with_a_key_from_the_environment(
@@ -309,7 +309,7 @@ def test_the_writer_process_signs_with_a_key_from_the_environment(
     assert handler.flush(timeout=60)
     assert handler.stats()["writer_process"] is not None  # signed in the child
     assert handler.close(timeout=60)
-    wait_for(lambda: len(digests_of(bq_client, table_name)) == 2, 30, "both digests")
+    wait_for(lambda: len(digests_of(bq_client, table_name)) == 2, 60, "both digests")
     code, out = verify(emulator, table_name, key[1])
     assert code == 0 and "4 rows, 2 signed digest(s), ok" in out, out
 
@@ -466,7 +466,7 @@ def test_digester_timer_signs_what_waits_longer_than_every_s() -> None:
     digester = Digester(secret, 1000, 0.2, lambda d: (emitted.append(d), signed.set()))
     for row in linked_rows(2):
         digester.observe(row)
-    assert signed.wait(10)
+    assert signed.wait(60)
     assert [(d["first_seq"], d["last_seq"], d["closed"]) for d in emitted] == [(1, 2, False)]
 
 

@@ -134,7 +134,7 @@ def test_other_handlers_and_tracers_see_the_same_events_with_the_handler_attache
     assert out_together == out_alone
     # and the audit handler did its own job: one row per run, none unmatched
     assert handler.flush(timeout=60)
-    wait_for(lambda: len(read_rows()) == ROWS[mode], 20, f"{ROWS[mode]} rows")
+    wait_for(lambda: len(read_rows()) == ROWS[mode], 60, f"{ROWS[mode]} rows")
     assert {r["run_type"] for r in read_rows()} == {"chain", kind}
     stats = handler.stats()
     assert stats["unmatched_ends"] == stats["callback_errors"] == stats["pending_runs"] == 0
@@ -161,6 +161,6 @@ def test_next_to_an_inline_tracer_async_llm_calls_still_give_rows(
     assert observe_with([handler]) == alone
     assert ("on_llm_start", ("RunnableSequence", "FakeListLLM")) in alone[0]
     assert handler.flush(timeout=60)
-    wait_for(lambda: len(read_rows()) == 4, 20, "4 rows")
+    wait_for(lambda: len(read_rows()) == 4, 60, "4 rows")
     assert sorted(r["run_type"] for r in read_rows()) == ["chain", "chain", "chain", "llm"]
     assert handler.stats()["unmatched_ends"] == 0

@@ -198,7 +198,7 @@ def test_a_graph_paused_for_a_human_is_interrupted_not_failed(
 
 def test_four_threads_reusing_one_run_id_give_four_rows(make_handler, read_rows) -> None:
     handler = make_handler()
-    together = threading.Barrier(4, timeout=20)
+    together = threading.Barrier(4, timeout=60)
 
     def answer(q: str) -> str:
         together.wait()  # all four runs are pending at once

@@ -88,7 +88,7 @@ def test_runs_in_flight_at_close_are_written_as_abandoned(make_handler, read_row
         daemon=True,
     )
     worker.start()
-    wait_for(lambda: model_started(handler), 30, "the model call to start")
+    wait_for(lambda: model_started(handler), 60, "the model call to start")
     assert handler.close(timeout=60)
     rows = read_rows("status = 'abandoned'")
     assert sorted(r["run_type"] for r in rows) == ["chain", "chat_model"]

@@ -180,7 +180,7 @@ def test_planted_secrets_never_reach_the_spool(tmp_path: Path, table_name: str, 
     )  # fmt: skip
     try:
         plant(handler)
-        wait_for(lambda: handler.stats()["spooled"] == ROWS, 30, "every row to be spooled")
+        wait_for(lambda: handler.stats()["spooled"] == ROWS, 60, "every row to be spooled")
     finally:
         handler.close(timeout=1)
         unreachable.close()
@@ -201,7 +201,7 @@ def test_planted_secrets_never_reach_the_dead_letters(
                                    capture_documents=True)  # fmt: skip
     try:
         plant(handler)
-        wait_for(lambda: handler.stats()["dead_lettered"] == ROWS, 30, "every row rejected")
+        wait_for(lambda: handler.stats()["dead_lettered"] == ROWS, 60, "every row rejected")
         dead = handler._writer.spool.dead_letters()
     finally:
         handler.close(timeout=5)

@@ -198,7 +198,7 @@ def test_rows_spooled_by_insert_all_replay_through_the_write_api(
         write_api_host=emulator.grpc_target,
     )  # fmt: skip
     second._writer.ensure_started()
-    wait_for(lambda: second.stats()["replayed"] == 20, 30, "the replay")
+    wait_for(lambda: second.stats()["replayed"] == 20, 60, "the replay")
     rows = rows_of(bq_client, table_name)
     assert [r["output_text"] for r in rows] == ["later"] * 20 and verify(rows).ok
     second.close()

@@ -187,7 +187,7 @@ def test_rows_the_writer_process_holds_are_written_after_the_app_is_killed(
     child.kill()  # kill -9: no atexit, no drain in the application
     child.wait(timeout=10)
     # the writer process sees its pipe close, drains like at exit and ends
-    wait_for(lambda: not alive(int(pid)), 30, "the writer process to end")
+    wait_for(lambda: not alive(int(pid)), 60, "the writer process to end")
     assert count(bq_client, table_name) == 31
 
 
@@ -208,7 +208,7 @@ def test_a_killed_writer_process_is_replaced_and_what_it_held_is_counted(
     wait_for(lambda: handler.stats()["handed_over"] == 80, 60, "the writer process to read 80")
     first_pid = handler.stats()["writer_process"]
     os.kill(first_pid, signal.SIGKILL)
-    wait_for(lambda: handler.stats()["dropped"] == 30, 30, "the loss to be counted")
+    wait_for(lambda: handler.stats()["dropped"] == 30, 60, "the loss to be counted")
     calls("after", 20)  # the app never notices: a new writer process takes the rows
     assert handler.flush(timeout=60), handler.stats()
     stats = handler.stats()
@@ -251,9 +251,9 @@ def test_close_is_bounded_when_the_writer_process_hangs_and_nothing_is_lost(
     finally:
         os.kill(pid, signal.SIGCONT)
     # the writer process wakes up, writes what it held and ends; a later process replays
-    wait_for(lambda: not alive(pid), 30, "the writer process to end")
+    wait_for(lambda: not alive(pid), 60, "the writer process to end")
     replayer = BigQueryAuditHandler(client=bq_client, table=table_name, spool_dir=str(spool))
-    wait_for(lambda: replayer.stats()["spool_bytes"] == 0, 30, "the spool to be replayed")
+    wait_for(lambda: replayer.stats()["spool_bytes"] == 0, 60, "the spool to be replayed")
     replayer.close()
     users = query(
         bq_client, f"SELECT user_id FROM `{bq_client.project}.{DATASET}.{table_name}_dedup`"
