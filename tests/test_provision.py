@@ -458,4 +458,6 @@ def test_views_another_process_made_while_this_one_collided_are_not_warned_about
     handler.close()
     base = f"{bq_client.project}.{DATASET}.{table_name}"
     assert all(bq_client.get_table(f"{base}{s}").table_type == "VIEW" for s in views.VIEWS)
-    assert "were not made" not in caplog.text
+    # about this table's views: a writer an earlier test of this process left (its views
+    # hung behind a proxy that then closed) may warn about its own meanwhile
+    assert f"the views of {base} were not made" not in caplog.text
