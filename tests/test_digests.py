@@ -74,7 +74,7 @@ def signed_table(make_handler: Any, bq_client: Any, table: str, key: Path) -> li
     """12 rows of one chain, digests at seq 5 and 10 and a closing one at 12."""
     handler = make_handler(digest_key_file=str(key), digest_every_rows=5, digest_every_s=3600)
     write_signed(handler, 12)
-    assert handler.close(timeout=30)
+    assert handler.close(timeout=120)
     rows = rows_of(bq_client, table)
     assert [r["seq"] for r in rows] == list(range(1, 13))
     digests = digests_of(bq_client, table)
@@ -200,7 +200,7 @@ def test_deleting_a_whole_chain_between_two_digests_is_named(
     write_signed(a, 5)
     write_signed(b, 7, first=100)
     write_signed(a, 5, first=5)
-    assert b.close(timeout=30) and a.close(timeout=30)
+    assert b.close(timeout=120) and a.close(timeout=120)
     rows = rows_of(bq_client, table_name)
     (chain_b,) = {r["chain_id"] for r in rows if r["output_text"] == "a100"}
     assert len({r["chain_id"] for r in rows}) == 2
@@ -245,7 +245,7 @@ def test_a_local_digest_file_still_names_a_chain_deleted_with_its_digests(
     copy = tmp_path / "digests.jsonl"
     handler = make_handler(digest_key_file=str(key[0]), digest_every_rows=5, digest_file=str(copy))
     write_signed(handler, 7)
-    assert handler.close(timeout=30)
+    assert handler.close(timeout=120)
     in_table = digests_of(bq_client, table_name)
     assert sorted(d["signature"] for d in read_digest_file(copy)) == sorted(
         d["signature"] for d in in_table
@@ -275,7 +275,7 @@ def test_rows_after_the_last_digest_are_reported_unproven_not_proven(
     code, out = verify(emulator, table_name, key[1])
     assert code == 0, out  # an edit in the window cannot be shown...
     assert f"unproven: chain {rows[0]['chain_id']}: seq 6-7 were written after its last " in out
-    handler.close(timeout=30)  # ...until the closing digest signs what the writer wrote
+    handler.close(timeout=120)  # ...until the closing digest signs what the writer wrote
     code, out = verify(emulator, table_name, key[1])
     assert code == 1 and f"chain {rows[0]['chain_id']} seq 7: digest_mismatch" in out, out
     assert "unproven:" not in out
@@ -319,7 +319,7 @@ def test_a_table_written_without_a_key_is_unsigned_for_a_keyed_verify(
 ) -> None:
     handler = make_handler()
     write_signed(handler, 2)
-    assert handler.close(timeout=30)
+    assert handler.close(timeout=120)
     code, out = verify(emulator, table_name, key[1])
     assert code == 1 and "seq 1: unsigned: no valid signed digest covers this chain" in out
     assert "note: no table" in out, out
