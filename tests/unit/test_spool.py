@@ -151,7 +151,7 @@ def test_a_segment_another_process_is_appending_to_is_not_claimed(tmp_path) -> N
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
-        holder.wait(30)
+        holder.wait(120)
     spool = Spool(tmp_path, DEST, max_bytes=10**9)
     claimed = [[r["event_id"] for r in c.records] for c, _ in spool.claim()]
     assert ["held"] in claimed  # its lock went with it: now replayable

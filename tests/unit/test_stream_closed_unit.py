@@ -87,12 +87,12 @@ def test_a_run_starting_while_its_parent_ends_in_another_thread_loses_no_row(tmp
                 lambda: h.on_chain_start({}, {}, run_id=late, parent_run_id=parent, name="late"),
                 lambda f: f.f_code.co_name == "_start" and "if parent is not None" in line_of(f),
                 0,
-                lambda: (found.set(), go.wait(10)),
+                lambda: (found.set(), go.wait(60)),
             )
 
         starter = threading.Thread(target=late_start)
         starter.start()
-        assert found.wait(10)
+        assert found.wait(60)
 
         def let_it_start(go: threading.Event = go, starter: threading.Thread = starter) -> None:
             go.set()
@@ -142,10 +142,10 @@ def test_two_calls_that_share_a_run_id_are_not_cut_off_by_each_other(tmp_path) -
 
     def work(role: str) -> str:
         if role == "first":  # ends once the second call's inner run is running
-            assert second_started.wait(10)
+            assert second_started.wait(60)
         else:
             second_started.set()
-            assert first_ended.wait(10)
+            assert first_ended.wait(60)
         return role
 
     inner = RunnableLambda(work, name="inner")
