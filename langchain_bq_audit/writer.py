@@ -580,10 +580,27 @@ class ThreadChannel:
             row = self._row(run)
             if row is not None:
                 rows.append(row)
-        self._to_spool(rows)
+        taken = self._to_spool(rows)
+        if rows and EXITING.is_set():  # a short script's rows are not in BigQuery: say so
+            self._warn("left-at-exit", self._left_at_exit(len(rows), taken))
         for marker in markers:
             marker.answer(True)
         return len(rows)
+
+    def _left_at_exit(self, held: int, taken: int) -> str:
+        """What became of the `held` rows the exit or SIGTERM drain had no time for."""
+        spool = self._spool
+        said = (f"langchain-bq-audit: {held} rows for {self.destination} were not written "
+                "in the time the exit drain had (shutdown_timeout_s)")  # fmt: skip
+        if taken and spool is not None:
+            said += (f"; {taken} are in the spool ({spool.dir}): the next process that writes "
+                     "to this table replays them, or run `bq-audit replay`")  # fmt: skip
+        if taken < held:
+            said += f"; {held - taken} could not be spooled and are counted as dropped"
+        if self._views_pending and self._views_thread is None:
+            said += ("; the views are made after the first write (or now by "
+                     "`bq-audit init`)")  # fmt: skip
+        return said
 
     def close(self, deadline: float | None, idle: bool) -> bool:
         self.wait_views(deadline)  # a short script's views, in what is left of its time
@@ -641,10 +658,11 @@ class ThreadChannel:
         if self._digests is not None:
             self._digests.close(time_left(deadline))
 
-    def _to_spool(self, rows: list[dict[str, Any]]) -> None:
-        """Spool rows; what the spool cannot take (disabled, full, disk error) is dropped."""
+    def _to_spool(self, rows: list[dict[str, Any]]) -> int:
+        """Spool rows; what the spool cannot take (disabled, full, disk error) is dropped.
+        The number spooled."""
         if not rows:
-            return
+            return 0
         from .spool import SpoolWriteError
 
         taken = 0
@@ -662,6 +680,7 @@ class ThreadChannel:
             self._count("spooled", taken)
         if taken < len(rows):
             self._count("dropped", len(rows) - taken, error)
+        return taken
 
     # -- builder thread --------------------------------------------------------------------
 

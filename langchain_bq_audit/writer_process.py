@@ -40,7 +40,17 @@ from .records import RunRecord
 from .registry import get_writer
 from .rows import error_text, new_event_id, run_status, to_jsonable
 from .settings import AuditSettings
-from .writer import COUNTERS, SETTLED, Channel, Marker, Run, Writer, row_of, time_left
+from .writer import (
+    COUNTERS,
+    EXITING,
+    SETTLED,
+    Channel,
+    Marker,
+    Run,
+    Writer,
+    row_of,
+    time_left,
+)
 
 if TYPE_CHECKING:
     from .sinks.base import Sink
@@ -255,7 +265,9 @@ class ProcessChannel:
         self._waiting[self._seq] = marker
         # what is left for the child, less a margin for its answer to get back in time
         left = marker.left()
-        if not self._post((marker.kind, self._seq, None if left is None else max(0.0, left - 0.2))):
+        # "exit": the close of the application's exit or SIGTERM drain, said as such there
+        kind = "exit" if marker.kind == "close" and EXITING.is_set() else marker.kind
+        if not self._post((kind, self._seq, None if left is None else max(0.0, left - 0.2))):
             self._waiting.pop(self._seq, None)
             marker.done.set()  # answered False
 
@@ -517,13 +529,16 @@ def main(argv: list[str]) -> int:
                 answer("done", seq, (ok, stats()))
             elif kind == "stats":
                 answer("done", seq, (True, stats()))
-            elif kind == "close":
+            elif kind in ("close", "exit"):
+                if kind == "exit":
+                    EXITING.set()
                 ok = writer.close(arg)
                 answer("done", seq, (ok, stats()))
                 return 0
         # The application is gone (exit, or even kill -9) and nobody waits for us: take as
         # long as one batch may (the first write may also create the table), then spool.
         settings = writer.settings
+        EXITING.set()  # what this drain cannot write is said as at an application's exit
         writer.close(max(settings.shutdown_timeout_s, settings.batch_deadline_s))
         return 0
 

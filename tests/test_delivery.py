@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -118,6 +119,7 @@ def spawn(code: str, options: dict[str, Any], n: int, tag: str, env: dict[str, s
 
 
 @pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
+@pytest.mark.usefixtures("writer_makes_views")  # a new table's views: said to come later
 def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     proxy, bq_client, table_name, spool_dir, writer_process: bool
 ) -> None:
@@ -130,6 +132,14 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     out, err = child.communicate(timeout=90)
     exited = time.time()
     assert child.returncode == 0, err
+    # said on stderr, by the app's drain or the writer process's: how many, where, what next
+    said = re.findall(rf"(\d+) rows for \S+\.{table_name} were not written in the time the "
+                      rf"exit drain had \(shutdown_timeout_s\); \1 are in the spool \(([^)]+)\)",
+                      err)  # fmt: skip
+    assert sum(int(n) for n, _ in said) >= 20, err
+    assert all(Path(folder).parent == spool_dir for _, folder in said), err
+    assert "bq-audit replay" in err
+    assert "the views are made after the first write (or now by `bq-audit init`)" in err
     last_call = float(out.split()[1])
     # the drain's 2 s plus interpreter teardown, however slow a loaded machine makes it,
     # stays far below the request timeout an unbounded exit would wait for
