@@ -582,7 +582,9 @@ class ThreadChannel:
                 rows.append(row)
         taken = self._to_spool(rows)
         if rows and EXITING.is_set():  # a short script's rows are not in BigQuery: say so
-            self._warn("left-at-exit", self._left_at_exit(len(rows), taken))
+            # each drain's own rows, not once a minute: a SIGTERM drain the process survived
+            # and the exit drain after it each leave rows of their own
+            logger.warning(self._left_at_exit(len(rows), taken))
         for marker in markers:
             marker.answer(True)
         return len(rows)

@@ -166,6 +166,58 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     assert not list(spool_dir.rglob("*.seg")), "replayed segments are removed"
 
 
+SURVIVOR = """
+import json, signal, sys, time
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+signal.signal(signal.SIGTERM, lambda s, f: None)  # the app's own: the process goes on
+from langchain_bq_audit import BigQueryAuditHandler
+options = json.loads(sys.argv[1])
+then = options.pop("then")  # "close": the app closes the handler itself, then exits
+handler = BigQueryAuditHandler(**options)
+model = FakeListChatModel(responses=["child"])
+def work(tag):
+    for i in range(int(sys.argv[2])):
+        meta = {"user_id": f"{tag}-{i}"}
+        model.invoke("q", config={"callbacks": [handler], "metadata": meta})
+work(sys.argv[3])
+signal.raise_signal(signal.SIGTERM)
+time.sleep(options["shutdown_timeout_s"] + 3)  # the drain runs, spools and is done
+print("after-sigterm", file=sys.stderr, flush=True)  # marks stderr: what comes after
+work(sys.argv[3] + "-later")
+if then == "close":
+    handler.close(timeout=0.1)  # the app's own close, short: not an exit drain
+    time.sleep(3)  # a writer process answers its close
+print("exiting", file=sys.stderr, flush=True)
+"""
+
+LEFT = re.compile(r"(\d+) rows for \S+ were not written in the time the exit drain had")
+
+
+@pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
+def test_a_survived_sigterm_then_exit_says_each_drains_rows(
+    proxy, table_name, spool_dir, writer_process: bool
+) -> None:
+    # the app's SIGTERM handler keeps the process going: its drain spools the first rows
+    # and says so; the rows of after that, spooled by the exit drain, are said too
+    proxy.set_mode("stall")
+    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 1.0,
+               "batch_deadline_s": 3.0, "writer_process": writer_process,
+               "then": "exit"}  # fmt: skip
+    child = spawn(SURVIVOR, options, 10, "kept", child_env(proxy.host_port, spool_dir))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    before, after = err.split("exiting", 1)
+    assert sum(int(n) for n in LEFT.findall(before)) >= 10, err
+    assert sum(int(n) for n in LEFT.findall(after)) >= 10, err  # was said once a minute
+    if not writer_process:  # one writer, one line per drain, exactly its rows
+        assert [int(n) for n in LEFT.findall(err)] == [10, 10], err
+    spooled = {r["event_id"]: r["user_id"] for seg in spool_dir.rglob("*.seg")
+               for r in read_segment(seg).records}  # fmt: skip
+    assert sorted(spooled.values()) == sorted(
+        [f"kept-{i}" for i in range(10)] + [f"kept-later-{i}" for i in range(10)]
+    )
+
+
 SLEEPER = (
     CHILD
     + """
