@@ -186,8 +186,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signum)
     previous = _previous_sigterm
     if callable(previous):
-        previous(signum, frame)
+        previous(signum, frame)  # SystemExit: the exit drain sets EXITING again
+        EXITING.clear()  # the process goes on: a later close is the app's, not a drain's
     elif previous == signal.SIG_IGN:
+        EXITING.clear()
         return
     else:  # the default action: die of SIGTERM, as the process would have without us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -231,6 +233,7 @@ def _after_fork_in_child() -> None:
     _sigterm_drain = None  # the parent's drain, if one ran, is not the child's
     _sigterm_drained.clear()
     _sigterm_more.clear()
+    EXITING.clear()  # a new process, not ending because its parent is
     for writer in _writers.values():
         writer._after_fork_in_child()
 

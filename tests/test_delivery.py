@@ -218,6 +218,28 @@ def test_a_survived_sigterm_then_exit_says_each_drains_rows(
     )
 
 
+@pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
+def test_the_apps_own_short_close_after_a_survived_sigterm_is_no_exit_drain(
+    proxy, table_name, spool_dir, writer_process: bool
+) -> None:
+    # after a SIGTERM the process survived, `close(timeout=0.1)` of the app's own spools
+    # what it had no time for, as any close does: it answers False, and no line calls it
+    # the exit drain's
+    proxy.set_mode("stall")
+    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 1.0,
+               "batch_deadline_s": 3.0, "writer_process": writer_process,
+               "then": "close"}  # fmt: skip
+    child = spawn(SURVIVOR, options, 10, "kept", child_env(proxy.host_port, spool_dir))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    before, after = err.split("after-sigterm", 1)
+    assert sum(int(n) for n in LEFT.findall(before)) >= 10, err  # the SIGTERM drain's
+    assert not LEFT.findall(after), err
+    spooled = {r["event_id"]: r["user_id"] for seg in spool_dir.rglob("*.seg")
+               for r in read_segment(seg).records}  # fmt: skip
+    assert len(spooled) == 20
+
+
 SLEEPER = (
     CHILD
     + """
