@@ -112,8 +112,10 @@ class Channel(Protocol):
     def drained(self) -> None:
         """The builder thread is stopping with nothing queued."""
 
-    def give_up(self, runs: list[Run]) -> int:
-        """Out of time: stop sending; spool `runs` and every row held. Rows spooled."""
+    def give_up(self, runs: list[Run], sent: int = 0) -> int:
+        """Out of time: stop sending; spool `runs` and every row held. Rows spooled.
+        `sent`: how many of the first `runs` a writer process was sent and did not
+        acknowledge (it may spool them too)."""
 
     def wait_views(self, deadline: float | None) -> None:
         """Wait, until `deadline` at most, for the views a first write started to make."""
@@ -255,12 +257,12 @@ class Writer:
             builder.join(cap if left is None else min(cap, left))
         return self._channel.close(deadline, idle=False) and ok
 
-    def spool_memory(self, runs: Iterable[Run] = ()) -> int:
+    def spool_memory(self, runs: Iterable[Run] = (), sent: int = 0) -> int:
         """Stop sending and spool `runs` and every run and row still in memory; the number
         of rows spooled. Used when a deadline runs out. A row in flight may still reach
         BigQuery as well; the spool then holds a copy with the same event id, which dedup
-        removes on read."""
-        return self._channel.give_up([*runs, *self._take_queued()])
+        removes on read. `sent`: see `Channel.give_up`."""
+        return self._channel.give_up([*runs, *self._take_queued()], sent)
 
     def stats(self) -> dict[str, Any]:
         """Counters, the queue and buffer sizes, spool state, the last error.
@@ -561,7 +563,7 @@ class ThreadChannel:
         with self._cond:  # the sender may stop now
             self._cond.notify_all()
 
-    def give_up(self, runs: list[Run]) -> int:
+    def give_up(self, runs: list[Run], sent: int = 0) -> int:
         """Stop retrying, then move every row still in memory (`runs`, buffered, in
         flight) to the spool."""
         self._abort.set()
@@ -584,13 +586,14 @@ class ThreadChannel:
         if rows and EXITING.is_set():  # a short script's rows are not in BigQuery: say so
             # each drain's own rows, not once a minute: a SIGTERM drain the process survived
             # and the exit drain after it each leave rows of their own
-            logger.warning(self._left_at_exit(len(rows), taken))
+            logger.warning(self._left_at_exit(len(rows), taken, min(sent, len(rows))))
         for marker in markers:
             marker.answer(True)
         return len(rows)
 
-    def _left_at_exit(self, held: int, taken: int) -> str:
-        """What became of the `held` rows the exit or SIGTERM drain had no time for."""
+    def _left_at_exit(self, held: int, taken: int, sent: int) -> str:
+        """What became of the `held` rows the exit or SIGTERM drain had no time for (`sent`
+        of them also in a writer process, which says its own)."""
         spool = self._spool
         said = (f"langchain-bq-audit: {held} rows for {self.destination} were not written "
                 "in the time the exit drain had (shutdown_timeout_s)")  # fmt: skip
@@ -599,6 +602,10 @@ class ThreadChannel:
                      "to this table replays them, or run `bq-audit replay`")  # fmt: skip
         if taken < held:
             said += f"; {held - taken} could not be spooled and are counted as dropped"
+        if sent:  # so a user adding up this line and the writer process's counts them once
+            said += (f"; {sent} of them the writer process was sent but had not "
+                     "acknowledged: it may spool and count them too (one event_id each, "
+                     "written once)")  # fmt: skip
         if self._views_pending and self._views_thread is None:
             said += ("; the views are made after the first write (or now by "
                      "`bq-audit init`)")  # fmt: skip

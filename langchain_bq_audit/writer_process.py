@@ -281,13 +281,14 @@ class ProcessChannel:
             with contextlib.suppress(OSError):
                 stream.close()
 
-    def give_up(self, runs: list[Run]) -> int:
+    def give_up(self, runs: list[Run], sent: int = 0) -> int:
         """Runs the child has not read, and `runs`, go to the spool from here."""
-        rest = self._take_unacked() + runs
+        unacked = self._take_unacked()
+        rest = unacked + runs
         if not rest:
             return 0
         self._local_used = True
-        return self._local.spool_memory(rest)
+        return self._local.spool_memory(rest, len(unacked))
 
     def close(self, deadline: float | None, idle: bool) -> bool:
         if idle:

@@ -240,6 +240,42 @@ def test_the_apps_own_short_close_after_a_survived_sigterm_is_no_exit_drain(
     assert len(spooled) == 20
 
 
+QUICK = """
+import json, sys
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_bq_audit import BigQueryAuditHandler
+handler = BigQueryAuditHandler(**json.loads(sys.argv[1]))
+model = FakeListChatModel(responses=["child"])
+for i in range(int(sys.argv[2])):  # then exit at once: the writer process is still starting
+    meta = {"user_id": f"{sys.argv[3]}-{i}"}
+    model.invoke("q", config={"callbacks": [handler], "metadata": meta})
+"""
+
+
+def test_rows_the_writer_process_had_not_acknowledged_at_exit_are_counted_once(
+    proxy, table_name, spool_dir
+) -> None:
+    # a 0.1 s exit drain ends before the writer process (still importing) has read its
+    # batches: the app spools them, and so does the writer process once it reads them after
+    # the app is gone; both say so, and a user adding the lines up must not count them twice
+    proxy.set_mode("stall")
+    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 0.1,
+               "batch_deadline_s": 3.0, "writer_process": True}  # fmt: skip
+    child = spawn(QUICK, options, 50, "quick", child_env(proxy.host_port, spool_dir))
+    _, err = child.communicate(timeout=120)  # until the writer process closes stderr too
+    assert child.returncode == 0, err
+    said = sum(int(n) for n in LEFT.findall(err))
+    twice = sum(int(n) for n in re.findall(r"(\d+) of them the writer process was sent but "
+                                           r"had not acknowledged: it may spool and count "
+                                           r"them too", err))  # fmt: skip
+    records = [r for seg in spool_dir.rglob("*.seg") for r in read_segment(seg).records]
+    distinct = {r["event_id"]: r["user_id"] for r in records}
+    assert sorted(distinct.values()) == sorted(f"quick-{i}" for i in range(50))
+    assert said - twice == len(distinct) == 50, err
+    if len(records) > 50:  # the copies the app and the writer process both spooled
+        assert twice == len(records) - 50, err
+
+
 SLEEPER = (
     CHILD
     + """
