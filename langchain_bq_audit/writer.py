@@ -604,8 +604,8 @@ class ThreadChannel:
             said += f"; {held - taken} could not be spooled and are counted as dropped"
         if sent:  # so a user adding up this line and the writer process's counts them once
             said += (f"; {sent} of them the writer process was sent but had not "
-                     "acknowledged: it may spool and count them too (one event_id each, "
-                     "written once)")  # fmt: skip
+                     "acknowledged: it may write or spool them too, and count them "
+                     "(one event_id each, written once)")  # fmt: skip
         if self._views_pending and self._views_thread is None:
             said += ("; the views are made after the first write (or now by "
                      "`bq-audit init`)")  # fmt: skip

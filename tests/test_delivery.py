@@ -266,7 +266,7 @@ def test_rows_the_writer_process_had_not_acknowledged_at_exit_are_counted_once(
     assert child.returncode == 0, err
     said = sum(int(n) for n in LEFT.findall(err))
     twice = sum(int(n) for n in re.findall(r"(\d+) of them the writer process was sent but "
-                                           r"had not acknowledged: it may spool and count "
+                                           r"had not acknowledged: it may write or spool "
                                            r"them too", err))  # fmt: skip
     records = [r for seg in spool_dir.rglob("*.seg") for r in read_segment(seg).records]
     distinct = {r["event_id"]: r["user_id"] for r in records}
