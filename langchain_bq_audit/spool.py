@@ -232,30 +232,34 @@ class Spool:
                 _write_all(fd, b"".join(lines[:taken]))
                 os.fsync(fd)
             except OSError as exc:
-                stored = self._cut_back(fd)
-                done, size = _whole(lines[:taken], stored)
+                done, size = self._cut_back(fd, lines[:taken])
                 self._total += size
                 raise SpoolWriteError(done, exc) from exc
             self._size += size
             self._total += size
             return taken
 
-    def _cut_back(self, fd: int) -> int:
-        """After a failed append: drop its torn tail and close the segment, so the next
-        append starts a new one instead of gluing a record onto a torn line. Returns how
-        many bytes of the failed append stay (0 once truncated)."""
+    def _cut_back(self, fd: int, lines: list[bytes]) -> tuple[int, int]:
+        """After a failed append of `lines`: keep the whole records it wrote (a disk that
+        fills up part way keeps what fit, not nothing), drop its torn tail and close the
+        segment, so the next append starts a new one instead of gluing a record onto a torn
+        line. Returns (records kept, their bytes)."""
         try:
             end = os.fstat(fd).st_size
         except OSError:
             end = self._size
-        kept = 0
+        done, size = _whole(lines, max(0, end - self._size))
         try:
-            os.ftruncate(fd, self._size)  # back to the last whole record before this append
+            os.ftruncate(fd, self._size + size)  # the end of the last whole record
             os.fsync(fd)
-        except OSError:  # cannot truncate: whole records stay readable, a torn one is skipped
-            kept = max(0, end - self._size)
+        except OSError:
+            try:  # not durable: back to the last whole record before this append
+                os.ftruncate(fd, self._size)
+                done, size = 0, 0
+            except OSError:  # cannot truncate: whole records stay readable, a torn one is skipped
+                pass
         self._close_active()
-        return kept
+        return done, size
 
     def dead_letter(self, rows: list[dict[str, Any]], errors: list[str]) -> None:
         """Keep rows BigQuery rejected for good, each with its error, in `dead-letter/`."""

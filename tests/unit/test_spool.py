@@ -46,6 +46,22 @@ def test_a_disk_that_fills_up_keeps_only_whole_records_and_says_how_many(tmpfs) 
     assert [r["event_id"] for r in records] == [f"e{j}" for j in range(stored)][: len(records)]
 
 
+def test_one_large_append_on_a_nearly_full_disk_keeps_what_fit(tmpfs) -> None:
+    """The exit drain spools everything it holds in one append: on a disk with room for
+    some of it, those are kept (and counted), not thrown away with the rest."""
+    root = tmpfs(256 * 1024)
+    (root / "filler").write_bytes(b"\0" * (150 * 1024))  # someone else's file
+    spool = Spool(root, DEST, max_bytes=10**9)
+    with pytest.raises(SpoolWriteError) as info:
+        spool.append([row(j, 2000) for j in range(200)])  # ~400 KB, ~100 KB free
+    kept = info.value.taken
+    assert 20 <= kept < 200, kept  # most of the free space holds whole records
+    spool.seal()
+    records = all_records(spool)
+    assert [r["event_id"] for r in records] == [f"e{j}" for j in range(kept)]
+    assert sum(read_segment(p).corrupt for p in spool.segments()) == 0
+
+
 def test_after_space_is_freed_the_next_append_starts_clean(tmpfs) -> None:
     root = tmpfs(128 * 1024)
     spool = Spool(root, DEST, max_bytes=10**9)
