@@ -271,9 +271,11 @@ def test_rows_the_writer_process_had_not_acknowledged_at_exit_are_counted_once(
     records = [r for seg in spool_dir.rglob("*.seg") for r in read_segment(seg).records]
     distinct = {r["event_id"]: r["user_id"] for r in records}
     assert sorted(distinct.values()) == sorted(f"quick-{i}" for i in range(50))
-    assert said - twice == len(distinct) == 50, err
-    if len(records) > 50:  # the copies the app and the writer process both spooled
-        assert twice == len(records) - 50, err
+    # the lines, less what may be said twice, never say more rows than there are; the
+    # writer process may not have read (or spooled) every row it was sent before its pipe
+    # closed, so "may" is no promise that it says them all
+    assert said - twice <= len(distinct) == 50 <= said, err
+    assert len(records) - 50 <= twice, err  # the copies the app and the writer process spooled
 
 
 SLEEPER = (
