@@ -193,26 +193,34 @@ print("exiting", file=sys.stderr, flush=True)
 LEFT = re.compile(r"(\d+) rows for \S+ were not written in the time the exit drain had")
 
 
+def survive_sigterm(proxy: FaultProxy, table: str, spool_dir: Path, writer_process: bool,
+                    then: str) -> tuple[str, dict[str, str]]:  # fmt: skip
+    """`SURVIVOR` with BigQuery stalled: 10 rows, a SIGTERM its handler survives, 10 more,
+    then `then` ("exit" or "close"); its stderr and the spool's rows (event id: user)."""
+    proxy.set_mode("stall")
+    options = {"table": table, "batch_age_s": 3600, "shutdown_timeout_s": 1.0,
+               "batch_deadline_s": 3.0, "writer_process": writer_process,
+               "then": then}  # fmt: skip
+    child = spawn(SURVIVOR, options, 10, "kept", child_env(proxy.host_port, spool_dir))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    spooled = {r["event_id"]: r["user_id"] for seg in spool_dir.rglob("*.seg")
+               for r in read_segment(seg).records}  # fmt: skip
+    return err, spooled
+
+
 @pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
 def test_a_survived_sigterm_then_exit_says_each_drains_rows(
     proxy, table_name, spool_dir, writer_process: bool
 ) -> None:
     # the app's SIGTERM handler keeps the process going: its drain spools the first rows
     # and says so; the rows of after that, spooled by the exit drain, are said too
-    proxy.set_mode("stall")
-    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 1.0,
-               "batch_deadline_s": 3.0, "writer_process": writer_process,
-               "then": "exit"}  # fmt: skip
-    child = spawn(SURVIVOR, options, 10, "kept", child_env(proxy.host_port, spool_dir))
-    _, err = child.communicate(timeout=120)
-    assert child.returncode == 0, err
+    err, spooled = survive_sigterm(proxy, table_name, spool_dir, writer_process, "exit")
     before, after = err.split("exiting", 1)
     assert sum(int(n) for n in LEFT.findall(before)) >= 10, err
     assert sum(int(n) for n in LEFT.findall(after)) >= 10, err  # was said once a minute
     if not writer_process:  # one writer, one line per drain, exactly its rows
         assert [int(n) for n in LEFT.findall(err)] == [10, 10], err
-    spooled = {r["event_id"]: r["user_id"] for seg in spool_dir.rglob("*.seg")
-               for r in read_segment(seg).records}  # fmt: skip
     assert sorted(spooled.values()) == sorted(
         [f"kept-{i}" for i in range(10)] + [f"kept-later-{i}" for i in range(10)]
     )
@@ -225,18 +233,10 @@ def test_the_apps_own_short_close_after_a_survived_sigterm_is_no_exit_drain(
     # after a SIGTERM the process survived, `close(timeout=0.1)` of the app's own spools
     # what it had no time for, as any close does: it answers False, and no line calls it
     # the exit drain's
-    proxy.set_mode("stall")
-    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 1.0,
-               "batch_deadline_s": 3.0, "writer_process": writer_process,
-               "then": "close"}  # fmt: skip
-    child = spawn(SURVIVOR, options, 10, "kept", child_env(proxy.host_port, spool_dir))
-    _, err = child.communicate(timeout=120)
-    assert child.returncode == 0, err
+    err, spooled = survive_sigterm(proxy, table_name, spool_dir, writer_process, "close")
     before, after = err.split("after-sigterm", 1)
     assert sum(int(n) for n in LEFT.findall(before)) >= 10, err  # the SIGTERM drain's
     assert not LEFT.findall(after), err
-    spooled = {r["event_id"]: r["user_id"] for seg in spool_dir.rglob("*.seg")
-               for r in read_segment(seg).records}  # fmt: skip
     assert len(spooled) == 20
 
 
