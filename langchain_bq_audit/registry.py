@@ -187,13 +187,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     previous = _previous_sigterm
     if callable(previous):
         previous(signum, frame)  # SystemExit: the exit drain sets EXITING again
-        EXITING.clear()  # the process goes on: a later close is the app's, not a drain's
-    elif previous == signal.SIG_IGN:
-        EXITING.clear()
-        return
-    else:  # the default action: die of SIGTERM, as the process would have without us
+    elif previous != signal.SIG_IGN:  # the default action: die of SIGTERM, as without us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    EXITING.clear()  # the process goes on: a later close is the app's, not a drain's
 
 
 def _drain_then_resignal(signum: int) -> None:
