@@ -118,6 +118,10 @@ def spawn(code: str, options: dict[str, Any], n: int, tag: str, env: dict[str, s
     )  # fmt: skip
 
 
+# the head of the line a drain that ran out of time writes on stderr: (rows) for `dest`
+EXIT_LINE = r"(\d+) rows for {dest} were not written in the time the exit drain had"
+
+
 @pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
 @pytest.mark.usefixtures("writer_makes_views")  # a new table's views: said to come later
 def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
@@ -133,9 +137,8 @@ def test_hung_bigquery_exit_is_bounded_and_the_next_process_replays(
     exited = time.time()
     assert child.returncode == 0, err
     # said on stderr, by the app's drain or the writer process's: how many, where, what next
-    said = re.findall(rf"(\d+) rows for \S+\.{table_name} were not written in the time the "
-                      rf"exit drain had \(shutdown_timeout_s\); \1 are in the spool \(([^)]+)\)",
-                      err)  # fmt: skip
+    line = EXIT_LINE.format(dest=rf"\S+\.{table_name}")
+    said = re.findall(line + r" \(shutdown_timeout_s\); \1 are in the spool \(([^)]+)\)", err)
     assert sum(int(n) for n, _ in said) >= 20, err
     assert all(Path(folder).parent == spool_dir for _, folder in said), err
     assert "bq-audit replay" in err
@@ -190,7 +193,7 @@ if then == "close":
 print("exiting", file=sys.stderr, flush=True)
 """
 
-LEFT = re.compile(r"(\d+) rows for \S+ were not written in the time the exit drain had")
+LEFT = re.compile(EXIT_LINE.format(dest=r"\S+"))
 
 
 def survive_sigterm(proxy: FaultProxy, table: str, spool_dir: Path, writer_process: bool,
