@@ -218,6 +218,11 @@ class Spool:
         lines = [encode(r) for r in records]
         with self._lock:
             self._ensure_dirs()
+            if self._fd is not None and not self._still_there(self._fd, self._path):
+                # the folder or segment was deleted (a cache cleaner): what we appended
+                # there is gone, and records appended to it now would be lost at close
+                self._close_active()
+                self._total = None
             if self._total is None:
                 self._total = self.size_bytes()
             taken, size = _whole(lines, self.max_bytes - self._total)
@@ -238,6 +243,15 @@ class Spool:
             self._size += size
             self._total += size
             return taken
+
+    @staticmethod
+    def _still_there(fd: int, path: Path | None) -> bool:
+        """True when `path` is still the file open as `fd` (one `stat`, beside the fsync)."""
+        try:
+            here, ours = os.stat(path) if path else None, os.fstat(fd)
+        except OSError:
+            return False
+        return here is not None and (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino)
 
     def _cut_back(self, fd: int, lines: list[bytes]) -> tuple[int, int]:
         """After a failed append of `lines`: keep the whole records it wrote (a disk that

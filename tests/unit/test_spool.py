@@ -182,3 +182,18 @@ def test_segments_are_listed_oldest_first(tmp_path) -> None:
     assert names == sorted(names)
     assert [read_segment(p).records[0]["event_id"] for p in spool.segments()] == ["e0", "e1", "e2"]
     assert os.path.commonpath([str(p) for p in spool.segments()]) == str(spool.dir)
+
+
+def test_a_spool_folder_deleted_while_a_segment_is_open_gets_the_next_records(tmp_path) -> None:
+    """A cache cleaner (or `rm -rf ~/.cache`) removes the folder while this process keeps a
+    segment open: the next append must land in a new file there, not in the deleted one,
+    where records counted as spooled would be lost at close."""
+    import shutil
+
+    spool = Spool(tmp_path / "spool", DEST, max_bytes=10**9)
+    assert spool.append([row(i) for i in range(3)]) == 3
+    shutil.rmtree(tmp_path / "spool")
+    assert spool.append([row(i) for i in range(3, 7)]) == 4
+    spool.seal()
+    assert [r["event_id"] for r in all_records(spool)] == ["e3", "e4", "e5", "e6"]
+    assert spool.size_bytes() == sum(len(encode(row(i))) for i in range(3, 7))
