@@ -106,9 +106,15 @@ def _replay_one(settings: Any, destination: str | None = None) -> int:
     writer.flush(max(settings.shutdown_timeout_s, settings.batch_deadline_s))
     stats = writer.stats()
     left = len(writer.spool.segments())
+    # replayed but not removable (a read-only spool): still on disk, so still `left` as
+    # `bq-audit stats` counts them, though their rows are written
+    kept = writer.spool.replayed_not_removed()
+    why = (f" ({kept} replayed, but could not be removed: a later replay sends their rows "
+           "again, same event_id; remove them by hand)") if kept else ""  # fmt: skip
     print(
         f"replayed {replayed} rows; {stats['replay_dead_lettered']} dead-lettered; "
-        f"{stats['corrupt_spool_records']} torn records skipped; {left} segment(s) left"
+        f"{stats['corrupt_spool_records']} torn records skipped; {left + kept} segment(s) left"
+        f"{why}"
     )
     if left:
         print(f"bq-audit: BigQuery did not take everything: {stats['last_error']}",

@@ -318,6 +318,10 @@ class Spool:
         except OSError:
             return []
 
+    def replayed_not_removed(self) -> int:
+        """Segments this process replayed that are still on disk (a read-only spool)."""
+        return sum(1 for name in set(self._done) if (self.dir / name).is_file())
+
     def dead_letters(self) -> list[Path]:
         try:
             return sorted(self.dead_dir.glob(f"*{SEGMENT_SUFFIX}"))

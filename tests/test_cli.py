@@ -19,7 +19,7 @@ from langchain_core.runnables import RunnableLambda
 from langchain_bq_audit import BigQueryAuditHandler, views
 from langchain_bq_audit.cli import build_parser
 
-from .conftest import TRACE, query, run_traced_chain, wait_for
+from .conftest import TRACE, count, query, remount, run_traced_chain, wait_for
 from .proxy import FaultProxy
 
 COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
@@ -322,3 +322,30 @@ def test_replay_onto_a_new_table_leaves_its_views(emulator, bq_client, table_nam
     assert {f"{table_name}{suffix}" for suffix in views.VIEWS} <= made
     sessions = bq_audit("sessions", *where)
     assert sessions.returncode == 0, sessions.stderr
+
+
+def test_replay_of_a_read_only_spool_says_its_segment_is_still_there(
+    emulator, bq_client, table_name, tmpfs
+) -> None:
+    """The rows of a read-only spool are written, but the segment cannot be removed: the
+    summary must not say `0 segment(s) left` while `bq-audit stats` still shows it."""
+    spool = tmpfs(4 * 1024 * 1024)
+    handler = BigQueryAuditHandler(table=table_name, emulator_host="127.0.0.1:9",
+                                   spool_dir=str(spool), request_timeout_s=0.5,
+                                   batch_deadline_s=0.5, batch_age_s=0.05)  # fmt: skip
+    model = GenericFakeChatModel(messages=iter([AIMessage("a"), AIMessage("b")]))
+    for _ in range(2):
+        model.invoke("q", config={"callbacks": [handler]})
+    wait_for(lambda: handler.stats()["spooled"] == 2, 60, "the rows to be spooled")
+    handler.close(timeout=5)
+    remount(spool, "ro")
+
+    where = ("--endpoint", emulator.host_port, "--table", table_name)
+    replay = bq_audit("replay", *where, "--spool-dir", str(spool))
+    assert replay.returncode == 0, replay.stderr
+    assert count(bq_client, table_name) == 2
+    assert "replayed 2 rows" in replay.stdout
+    assert "1 segment(s) left" in replay.stdout, replay.stdout
+    assert "could not be removed" in replay.stdout
+    stats = bq_audit("stats", *where, "--spool-dir", str(spool))
+    assert "2 rows in 1 segment(s) waiting for replay" in stats.stdout, stats.stdout
