@@ -429,12 +429,12 @@ class Writer:
         c = self.counters
         return c["spooled"] + c["dead_lettered"] + c["dropped"]
 
-    def _count(self, counter: str, n: int, error: str | None = None) -> None:
+    def _count(self, counter: str, n: int, error: str | None = None, warn: bool = True) -> None:
         with self._lock:
             self.counters[counter] += n
             if error:
                 self.last_error = error
-        if error:
+        if error and warn:
             self._warn(counter, f"langchain-bq-audit: {n} rows {counter}: {error}")
 
     def _warn(self, key: str, message: str) -> None:
@@ -582,18 +582,20 @@ class ThreadChannel:
             row = self._row(run)
             if row is not None:
                 rows.append(row)
-        taken = self._to_spool(rows)
-        if rows and EXITING.is_set():  # a short script's rows are not in BigQuery: say so
+        exiting = bool(rows) and EXITING.is_set()
+        # at exit the drop and its cause are said in the drain's one line, not a second one
+        taken, why = self._to_spool(rows, warn=not exiting)
+        if exiting:  # a short script's rows are not in BigQuery: say so
             # each drain's own rows, not once a minute: a SIGTERM drain the process survived
             # and the exit drain after it each leave rows of their own
-            logger.warning(self._left_at_exit(len(rows), taken, min(sent, len(rows))))
+            logger.warning(self._left_at_exit(len(rows), taken, min(sent, len(rows)), why))
         for marker in markers:
             marker.answer(True)
         return len(rows)
 
-    def _left_at_exit(self, held: int, taken: int, sent: int) -> str:
+    def _left_at_exit(self, held: int, taken: int, sent: int, why: str) -> str:
         """What became of the `held` rows the exit or SIGTERM drain had no time for (`sent`
-        of them also in a writer process, which says its own)."""
+        of them also in a writer process, which says its own; `why` the rest were dropped)."""
         spool = self._spool
         said = (f"langchain-bq-audit: {held} rows for {self.destination} were not written "
                 "in the time the exit drain had (shutdown_timeout_s)")  # fmt: skip
@@ -601,7 +603,7 @@ class ThreadChannel:
             said += (f"; {taken} are in the spool ({spool.dir}): the next process that writes "
                      "to this table replays them, or run `bq-audit replay`")  # fmt: skip
         if taken < held:
-            said += f"; {held - taken} could not be spooled and are counted as dropped"
+            said += f"; {held - taken} could not be spooled ({why}) and are counted as dropped"
         if sent:  # so a user adding up this line and the writer process's counts them once
             said += (f"; {sent} of them the writer process was sent but had not "
                      "acknowledged: it may write or spool them too, and count them "
@@ -667,11 +669,11 @@ class ThreadChannel:
         if self._digests is not None:
             self._digests.close(time_left(deadline))
 
-    def _to_spool(self, rows: list[dict[str, Any]]) -> int:
-        """Spool rows; what the spool cannot take (disabled, full, disk error) is dropped.
-        The number spooled."""
+    def _to_spool(self, rows: list[dict[str, Any]], warn: bool = True) -> tuple[int, str]:
+        """Spool rows; what the spool cannot take (disabled, full, disk error) is dropped,
+        with a warning unless `warn` is False. (The number spooled, why the rest were not.)"""
         if not rows:
-            return 0
+            return 0, ""
         from .spool import SpoolWriteError
 
         taken = 0
@@ -688,8 +690,8 @@ class ThreadChannel:
         if taken:
             self._count("spooled", taken)
         if taken < len(rows):
-            self._count("dropped", len(rows) - taken, error)
-        return taken
+            self._count("dropped", len(rows) - taken, error, warn)
+        return taken, error
 
     # -- builder thread --------------------------------------------------------------------
 

@@ -458,3 +458,32 @@ def test_fork_parent_and_child_each_write_their_own_rows_once(
     expected = [f"before-{i}" for i in range(10)] + [f"parent-{i}" for i in range(10)]
     expected += [f"child-{i}" for i in range(5)]
     assert sorted(r["user_id"] for r in rows) == sorted(expected)  # each once, none twice
+
+
+def test_an_exit_drain_on_a_full_spool_disk_says_it_in_one_line(proxy, table_name, tmpfs) -> None:
+    """The exit drain spools onto a disk with room for some of its rows: the one exit line
+    says how many are in the spool and how many were dropped (no second line for the
+    drop), and exactly the rows it counts as spooled are on disk, none torn."""
+    root = tmpfs(64 * 1024)
+    proxy.set_mode("stall")
+    options = {"table": table_name, "batch_age_s": 3600, "shutdown_timeout_s": 2.0,
+               "request_timeout_s": 30.0, "batch_deadline_s": 40.0}  # fmt: skip
+    child = spawn(CHILD, options, 200, "full", child_env(proxy.host_port, root))
+    _, err = child.communicate(timeout=90)
+    assert child.returncode == 0, err
+    said = re.findall(
+        EXIT_LINE.format(dest=rf"\S+\.{table_name}")
+        + r" \(shutdown_timeout_s\); (\d+) are in the spool \([^)]+\): .*?; (\d+) could not "
+        r"be spooled \(spool write failed: \[Errno 28\] No space left on device\) and are "
+        r"counted as dropped",
+        err,
+    )
+    assert len(said) == 1, err
+    held, spooled, dropped = map(int, said[0])
+    assert held == 200 and spooled + dropped == 200 and spooled > 0 and dropped > 0, err
+    assert [line for line in err.splitlines() if "dropped" in line] == [
+        line for line in err.splitlines() if "were not written" in line
+    ], err
+    segments = sorted(root.rglob("*.seg"))
+    assert sum(len(read_segment(s).records) for s in segments) == spooled
+    assert sum(read_segment(s).corrupt for s in segments) == 0
