@@ -272,6 +272,11 @@ class Spool:
                 done, size = 0, 0
             except OSError:  # cannot truncate: whole records stay readable, a torn one is skipped
                 pass
+        if self._size + size == 0 and self._path is not None:
+            # a segment this append began and nothing fit in: not one empty file per batch
+            # while the disk stays full
+            with contextlib.suppress(OSError):
+                self._path.unlink()
         self._close_active()
         return done, size
 

@@ -197,3 +197,20 @@ def test_a_spool_folder_deleted_while_a_segment_is_open_gets_the_next_records(tm
     spool.seal()
     assert [r["event_id"] for r in all_records(spool)] == ["e3", "e4", "e5", "e6"]
     assert spool.size_bytes() == sum(len(encode(row(i))) for i in range(3, 7))
+
+
+def test_appends_to_a_full_disk_leave_no_empty_segments(tmpfs) -> None:
+    """Each append that fits nothing on a full disk started a segment: a long outage on
+    a full disk left one empty file per batch (inodes, listings, replays of nothing)."""
+    root = tmpfs(64 * 1024)
+    spool = Spool(root, DEST, max_bytes=10**9)
+    stored = 0
+    for i in range(0, 200, 10):
+        try:
+            stored += spool.append([row(j, 2000) for j in range(i, i + 10)])
+        except SpoolWriteError as exc:
+            stored += exc.taken
+    spool.seal()
+    assert 0 < stored < 200
+    assert [p.stat().st_size for p in spool.segments() if p.stat().st_size == 0] == []
+    assert len(all_records(spool)) == stored
