@@ -279,51 +279,60 @@ def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> lis
     return out
 
 
-def pauses(client: Any, rounds: int, calls: int) -> list[tuple[str, str]]:
+def pauses(client: Any, bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
     """The stalls the writer causes in the application: a tight loop of `calls` quick calls
     (`prompt | fake chat model | parser`, four rows each) with the default handler (writer
-    thread) against a no-op, blocks in turn, the order rotated every round.
+    thread) and with the writer process, against a no-op, blocks in turn, the order rotated
+    every round.
 
-    The writer builds rows while the loop runs, under the loop's interpreter lock: its
-    longest step shows as the loop's p99 and max. The backlog a block leaves (rows still
-    queued as it ends) is reported with the time it took to drain, not hidden.
+    The writer builds rows (or, with the writer process, pickles runs) while the loop runs,
+    under the loop's interpreter lock: its longest step shows as the loop's p99 and max. The
+    backlog a block leaves (runs still queued as it ends) is reported with the time it took
+    to drain, not hidden.
     """
-    audit = BigQueryAuditHandler(client=client, table="bench_pauses")
-    handlers: dict[str, Any] = {"no-op": Noop(), "audit, default": audit}
+    audits: dict[str, Any] = {
+        "audit, default (writer thread)": BigQueryAuditHandler(client=client,
+                                                               table="bench_pauses"),
+        "audit, writer process": writer_process_handler(bq, "bench_pauses_process"),
+    }  # fmt: skip
+    handlers: dict[str, Any] = {"no-op": Noop(), **audits}
     chain, inputs = chains()["small"]
     out = []
     for mode in ("invoke", "ainvoke"):
         times: dict[str, list[float]] = {name: [] for name in handlers}
-        backlog: list[tuple[int, float]] = []
+        backlog: dict[str, list[tuple[int, float]]] = {name: [] for name in audits}
         for handler in handlers.values():  # warm up, settled before the first round
             timed_calls(chain, inputs, handler, calls // 4, mode)
-        settle(audit)
+        for audit in audits.values():
+            settle(audit)
         names = list(handlers)
         for round_ in range(rounds):
             turn = round_ % len(names)
             for name in names[turn:] + names[:turn]:
                 times[name] += timed_calls(chain, inputs, handlers[name], calls, mode)
-                if name != "no-op":
-                    queued = audit.stats()["queued"]
+                if name in audits:
+                    queued = audits[name].stats()["queued"]
                     start = time.perf_counter()
-                    settle(audit)
-                    backlog.append((queued, time.perf_counter() - start))
+                    settle(audits[name])
+                    backlog[name].append((queued, time.perf_counter() - start))
         n = times["no-op"]
-        a = times["audit, default"]
 
         def line(values: list[float]) -> str:
             return (f"p50 {pct(values, .5) * 1e6:.0f} us p99 {pct(values, .99) * 1e6:.0f} us "
                     f"max {max(values) * 1e3:.1f} ms")  # fmt: skip
 
         out.append((f"{mode} tight loop, {rounds} x {calls} calls, no-op", line(n)))
-        out.append(("  audit, default (writer thread)", line(a)))
-        mean = statistics.mean(a) / statistics.mean(n)
-        out.append(("  ratio audit / no-op",
-                    f"p50 {pct(a, .5) / pct(n, .5):.2f}x p99 {pct(a, .99) / pct(n, .99):.2f}x "
-                    f"max {max(a) / max(n):.2f}x mean {mean:.2f}x"))  # fmt: skip
-        out.append(("  backlog at block end",
-                    ", ".join(f"{q} rows ({s:.2f} s to drain)" for q, s in backlog)))  # fmt: skip
-    audit.close()
+        for name in audits:
+            a = times[name]
+            mean = statistics.mean(a) / statistics.mean(n)
+            out.append((f"  {name}", line(a)))
+            out.append(("    ratio audit / no-op",
+                        f"p50 {pct(a, .5) / pct(n, .5):.2f}x p99 {pct(a, .99) / pct(n, .99):.2f}x "
+                        f"max {max(a) / max(n):.2f}x mean {mean:.2f}x"))  # fmt: skip
+            out.append(("    backlog at block end", ", ".join(
+                f"{q} runs ({s:.2f} s to drain)" for q, s in backlog[name])))  # fmt: skip
+    for audit in audits.values():
+        audit.close()
     return out
 
 
@@ -595,6 +604,14 @@ def row_building(n: int) -> list[tuple[str, str]]:
         encode(rows[i : i + 500])[0].serialize()
     as_arrow = time.perf_counter()
 
+    from langchain_bq_audit.writer_process import FEED_RUNS, _dumps
+
+    holds = []  # what the writer process's feeder does instead: pickle runs, FEED_RUNS a call
+    for i in range(0, n, FEED_RUNS):
+        hold = time.perf_counter()
+        _dumps(records[i : i + FEED_RUNS])
+        holds.append(time.perf_counter() - hold)
+
     def us(seconds: float) -> str:
         return f"{seconds / n * 1e6:.1f} us/row"
 
@@ -605,6 +622,8 @@ def row_building(n: int) -> list[tuple[str, str]]:
         ("encode: insertAll JSON / Arrow", f"{us(to_json)} / {us(to_arrow)}"),
         ("built + chained + encoded", f"{n / (chained - start + to_json):,.0f} rows/s as JSON, "
          f"{n / (chained - start + to_arrow):,.0f} as Arrow, one core (target >= 50,000)"),
+        ("writer process: runs pickled", f"{us(sum(holds))}; the longest pickle "
+         f"({FEED_RUNS} runs, one hold of the lock) {max(holds) * 1e3:.2f} ms"),
     ]  # fmt: skip
 
 
@@ -742,7 +761,7 @@ def main() -> None:
         if "hot" in only:
             results += hot_path(client, bq, args.rounds, args.per_round)
         if "pauses" in only:
-            results += pauses(client, args.rounds, args.pause_calls)
+            results += pauses(client, bq, args.rounds, args.pause_calls)
             results += large_pauses_report(bq, args.rounds, args.pause_mb, args.against)
         if "short" in only:
             results += short_script(bq, args.rounds, 10)

@@ -388,7 +388,6 @@ class Writer:
         """Runs popped off the queue's head as they are asked for, up to a request (which
         is popped and put in `found`)."""
         records = self._records
-        pacer = self._pacer
         while True:
             try:
                 item = records.popleft()
@@ -398,8 +397,13 @@ class Writer:
                 found.append(item)
                 return
             yield item
-            if not (self._stopping or self._waiting):  # short lock holds (pacing.py)
-                pacer.tick(len(records))
+            self.pace()
+
+    def pace(self) -> None:
+        """Called by the builder thread after each unit of work: short lock holds
+        (pacing.py), except while a caller waits or the writer closes."""
+        if not (self._stopping or self._waiting):
+            self._pacer.tick(len(self._records))
 
     def _sweep(self) -> None:
         self._submit_unended(self.tracker.sweep(time.time()))
