@@ -635,12 +635,14 @@ def token_usage(response: Any, streamed: bool) -> tuple[dict[str, int | None] | 
                 getattr(message, "response_metadata", None),
                 getattr(gen, "generation_info", None),
             ):
+                if not meta:  # None or {} (a model that reports no usage): nothing to look at
+                    continue
                 for key in _USAGE_KEYS:
                     usage = _get(meta, key)
                     if isinstance(usage, Mapping) and (found := _usage_from_mapping(usage)):
                         return found, "provider"
     llm_output = getattr(response, "llm_output", None)
-    for key in _USAGE_KEYS:
+    for key in _USAGE_KEYS if llm_output else ():
         usage = _get(llm_output, key)
         if isinstance(usage, Mapping) and (found := _usage_from_mapping(usage)):
             return found, "provider"

@@ -169,6 +169,19 @@ def test_a_count_beyond_int64_is_null_and_the_rest_kept() -> None:
     assert counts is not None and counts["prompt_tokens"] is None and counts["total_tokens"] is None
 
 
+def test_usage_is_missing_only_when_no_place_holds_it() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    bare = ChatGeneration(message=AIMessage("ok"))  # response_metadata {}, generation_info None
+    assert token_usage(LLMResult(generations=[[bare]]), False) == (None, "missing")
+    assert token_usage(LLMResult(generations=[[bare]], llm_output={}), False) == (None, "missing")
+    after_empty = LLMResult(generations=[[bare]], llm_output={"token_usage": usage})
+    assert token_usage(after_empty, False) == ({**usage, "cache_read_tokens": None,
+        "cache_write_tokens": None, "reasoning_tokens": None}, "provider")  # fmt: skip
+    second = ChatGeneration(message=AIMessage("ok", response_metadata={"token_usage": usage}))
+    counts, source = token_usage(LLMResult(generations=[[bare, second]]), False)
+    assert source == "provider" and counts is not None and counts["total_tokens"] == 5
+
+
 def test_usage_zeros_are_counts() -> None:
     usage = {
         "input_tokens": 0,
