@@ -16,6 +16,7 @@ lock free would otherwise keep the builder from ever catching up, and the queue 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -54,3 +55,43 @@ class Pacer:
             now = self._clock()
         self._slice_end = now + self._slice
         return paused
+
+
+BUSY_WINDOW_S = 5.0  # how long the builder's share of a CPU is averaged over
+BUSY_SHARE = 0.10  # the share from which a writer on auto hands over to a writer process
+
+
+class BusyWatch:
+    """Whether the builder thread has been busy: `check()`, called on that thread after
+    each unit of work, is True once the thread's CPU time over the last `window_s` of wall
+    time reached `share` of it. An idle builder does not call it, so its idle time counts
+    in the next window. A new thread starts a new window."""
+
+    def __init__(
+        self,
+        window_s: float = BUSY_WINDOW_S,
+        share: float = BUSY_SHARE,
+        clock: Callable[[], float] = time.monotonic,
+        cpu: Callable[[], float] = time.thread_time,
+        thread: Callable[[], int] = threading.get_ident,
+    ) -> None:
+        self.window_s = window_s
+        self._share = share
+        self._clock = clock
+        self._cpu = cpu
+        self._thread = thread
+        self._start: tuple[int, float, float] | None = None  # (thread, wall, cpu)
+        self.last_share = 0.0  # the share of the last whole window
+
+    def check(self) -> bool:
+        now = self._clock()
+        start = self._start
+        if start is not None and now - start[1] < self.window_s and start[0] == self._thread():
+            return False
+        cpu = self._cpu()
+        ident = self._thread()
+        self._start = (ident, now, cpu)
+        if start is None or start[0] != ident:
+            return False
+        self.last_share = (cpu - start[2]) / (now - start[1])
+        return self.last_share >= self._share

@@ -75,18 +75,29 @@ def usable_cpus() -> int:
 def auto_writer_process(
     modules: Mapping[str, Any] | None = None, cpus: int | None = None
 ) -> str | None:
-    """Why `writer_process=None` (auto) keeps the writer thread here, or None to use the
-    writer process. The process pays off in a long-lived server with a CPU to spare: it
+    """Why `writer_process=None` (auto) starts with the writer thread here, or None to use
+    the writer process. The process pays off in a long-lived server with a CPU to spare: it
     takes the writer's CPU off the application's interpreter lock (the p99 and mean of
     quick calls, README Performance). A short script only pays for it (a second interpreter,
-    about 0.5 s of CPU, and the drain at exit through the pipe), a notebook restarts its
-    kernel, and with one CPU the child takes the same core. `modules`: `sys.modules`;
-    `cpus`: `usable_cpus()`."""
+    about 0.5 s of CPU, and the drain at exit through the pipe). Elsewhere the thread hands
+    over to a process once it is busy (`Writer._hand_over`), where `process_problem` allows.
+    `modules`: `sys.modules`; `cpus`: `usable_cpus()`."""
+    modules = sys.modules if modules is None else modules
+    why = process_problem(modules, cpus)
+    if why is None and not any(name in modules for name in SERVER_MODULES):
+        why = f"not a long-lived server (none of {', '.join(SERVER_MODULES)} imported)"
+    return why
+
+
+def process_problem(
+    modules: Mapping[str, Any] | None = None, cpus: int | None = None
+) -> str | None:
+    """Why a writer on auto must not use a writer process here, or None: a notebook
+    restarts its kernel, with one CPU the child takes the application's, and some
+    interpreters cannot start one (`writer_process.interpreter_problem`)."""
     modules = sys.modules if modules is None else modules
     if "ipykernel" in modules:
         return "a notebook"
-    if not any(name in modules for name in SERVER_MODULES):
-        return f"not a long-lived server (none of {', '.join(SERVER_MODULES)} imported)"
     if (usable_cpus() if cpus is None else cpus) < 2:
         return "one CPU: a writer process would take the application's"
     from .writer_process import interpreter_problem
@@ -106,10 +117,14 @@ def _new_writer(settings: AuditSettings, client: Any) -> Writer:
         except Exception as exc:  # a lambda among the redactors, say
             why = f"its settings cannot be pickled ({exc!r})"
     if settings.writer_process is None:  # auto: the thread unless the process pays off
-        why = why or auto_writer_process()
-        if why:
+        if why:  # nothing could cross to a child: the thread for good
             logger.debug("langchain-bq-audit: writer thread (writer_process auto): %s", why)
             return Writer(settings.replace(writer_process=False), client)
+        why = auto_writer_process()
+        if why:  # the thread, handing over to a process once busy where one may run
+            logger.debug("langchain-bq-audit: writer thread (writer_process auto): %s", why)
+            return Writer(settings.replace(writer_process=False), client,
+                          hand_over=process_problem() is None)  # fmt: skip
     elif why:
         logger.warning("langchain-bq-audit: writer_process is ignored: %s", why)
         return Writer(settings.replace(writer_process=False), client)

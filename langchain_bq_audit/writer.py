@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .client import destination_id
-from .pacing import KEEP_UP_RUNS, Pacer
+from .pacing import KEEP_UP_RUNS, BusyWatch, Pacer
 from .records import RunRecord
 from .retry import Breaker
 from .settings import AuditSettings
@@ -147,15 +147,20 @@ class Writer:
         *,
         sink: Sink | None = None,
         destination: str | None = None,
+        hand_over: bool = False,
     ) -> None:
         """A writer for `settings`' destination.
 
         `client`: a ready `bigquery.Client` (else one is made on first write). `sink`: any
         `Sink` to write with instead of BigQuery (no client, no provisioning; tests use
         `MemorySink`). `destination`: the `project.dataset.table` whose spool folder to use,
-        when it differs from the settings' (`bq-audit replay --all`).
+        when it differs from the settings' (`bq-audit replay --all`). `hand_over`: once the
+        builder thread is busy (`pacing.BusyWatch`), move to a writer process
+        (`writer_process` auto, where one could run; `_hand_over`).
         """
         self.settings = settings
+        self._busy = BusyWatch() if hand_over else None
+        self._hand_over_due = False
         self._max_queue = settings.max_queue_rows
         # pauses only well below the queue's limit (pacing.py)
         self._pacer = Pacer(keep_up=min(KEEP_UP_RUNS, settings.max_queue_rows // 2))
@@ -383,6 +388,56 @@ class Writer:
             channel.take(self._popped(found))
             if found:
                 channel.mark(found[0])
+            if self._hand_over_due:
+                self._hand_over_due = False
+                self._hand_over()
+                channel = self._channel
+
+    def _hand_over(self) -> None:
+        """Move from the writer thread to a writer process, on the builder thread, between
+        two runs: the rows built so far are written by this process's sender (within
+        `batch_deadline_s`, else spooled, and the child replays the spool); the runs queued
+        and to come cross to the child. Once: a writer that cannot start a child writes in
+        this process as before (`ProcessChannel`)."""
+        from .registry import process_problem
+
+        busy, self._busy = self._busy, None
+        why = process_problem()  # a notebook's kernel may have been imported since
+        if why is not None or busy is None:
+            logger.debug("langchain-bq-audit: no hand-over to a writer process: %s", why)
+            return
+        from .writer_process import ProcessChannel
+
+        old = self._channel
+        if not isinstance(old, ThreadChannel):
+            return
+        try:
+            new = ProcessChannel(self)
+        except Exception as exc:  # its spool or in-process writer could not be made
+            logger.debug("langchain-bq-audit: no hand-over to a writer process: %r", exc)
+            return
+        # Runs queue meanwhile (the queue holds 100,000): as long as the exit drain, then
+        # what is left is spooled and the writer process replays it; with no spool to
+        # take it, as long as a batch may take.
+        settings = self.settings
+        start = time.monotonic()
+        budget = settings.batch_deadline_s
+        if old.spool is not None:
+            budget = min(budget, settings.shutdown_timeout_s)
+        settled = Marker("flush", budget, 0)
+        old.mark(settled)
+        spooled = 0
+        if not settled.done.wait(budget):
+            spooled = old.give_up([])
+        old.retire(time.monotonic() + 1.0)
+        new.open()
+        self._channel = new
+        logger.info(
+            "langchain-bq-audit: the writer of %s moved to a writer process (writer_process "
+            "auto): its thread used %.0f%% of a CPU here over %.0f s; the move took %.1f s%s",
+            self.destination, busy.last_share * 100, busy.window_s, time.monotonic() - start,
+            f", {spooled} rows spooled for it to replay" if spooled else "",
+        )  # fmt: skip
 
     def _popped(self, found: list[Marker]) -> Iterator[Run]:
         """Runs popped off the queue's head as they are asked for, up to a request (which
@@ -398,6 +453,9 @@ class Writer:
                 return
             yield item
             self.pace()
+            if self._busy is not None and self._busy.check():
+                self._hand_over_due = True  # between two takes, with no run in hand
+                return
 
     def pace(self) -> None:
         """Called by the builder thread after each unit of work: short lock holds
@@ -641,6 +699,15 @@ class ThreadChannel:
             with contextlib.suppress(OSError):
                 self._spool.seal()
         return True
+
+    def retire(self, deadline: float | None) -> None:
+        """Stop for good while the writer goes on with another channel (`_hand_over`): the
+        sender ends once its rows are settled; the chain's digest is signed; the spool is
+        sealed (the next channel's writer replays it)."""
+        with self._cond:
+            self._generation += 1  # the sender of the current generation returns
+            self._cond.notify_all()
+        self.close(deadline, idle=False)
 
     def stats(self, answer: dict[str, Any] | None) -> dict[str, Any]:
         with self._cond:

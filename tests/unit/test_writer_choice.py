@@ -67,13 +67,21 @@ def test_auto_picks_the_writer_by_the_rule(monkeypatch: pytest.MonkeyPatch) -> N
     thread = _new_writer(settings, None)
     assert not isinstance(thread, ProcessWriter)
     assert thread.settings.writer_process is False
+    assert thread._busy is not None  # which hands over to a process once busy
     monkeypatch.setitem(sys.modules, "uvicorn", types.ModuleType("uvicorn"))
     monkeypatch.setattr("langchain_bq_audit.registry.usable_cpus", lambda: 2)
     process = _new_writer(settings, None)
     assert isinstance(process, ProcessWriter)
     with_client = _new_writer(settings, object())
     assert not isinstance(with_client, ProcessWriter)
-    for writer in (thread, process, with_client):
+    assert with_client._busy is None  # a client object cannot cross: the thread for good
+    monkeypatch.delitem(sys.modules, "uvicorn")
+    monkeypatch.setattr("langchain_bq_audit.registry.usable_cpus", lambda: 1)
+    one_cpu = _new_writer(settings, None)
+    assert not isinstance(one_cpu, ProcessWriter) and one_cpu._busy is None
+    forced = _new_writer(settings.replace(writer_process=False), None)
+    assert forced._busy is None  # asked for the thread: no hand-over
+    for writer in (thread, process, with_client, one_cpu, forced):
         writer.close(1)
 
 
