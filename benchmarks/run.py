@@ -4,16 +4,17 @@
     .venv/bin/python -m benchmarks.run --calls 1000000   # the full memory run
 
 Sections: import cost, hot path (invoke and ainvoke, small and 20 x 2 KB messages, a no-op
-`run_inline` handler as the baseline, the audit handler with its writer thread and with
-`writer_process=True`, interleaved rounds), row building alone (no network), insertAll and
-Storage Write API throughput from submit to committed rows (batch sizes swept), and memory
-over many calls. It starts its own embedded BigQuery.
-`--only rows,sinks` runs some sections (import, otel, hot, pauses, short, dispatch, floor,
-rows, sinks, memory; `short`: what the writer process costs a script of 10 calls, start
-to exit, against the writer thread; `otel`: the cost of reading the current OpenTelemetry
-span at a run's start;
-`pauses`: the longest stall the writer causes, a tight loop of quick calls with the default
-handler against a no-op, p50/p99/max per call; then the same loop while the writer
+`run_inline` handler as the baseline, the audit handler by default (`writer_process` auto)
+and with `writer_process=True`, interleaved rounds in rotated order), row building alone
+(no network), insertAll and Storage Write API throughput from submit to committed rows
+(batch sizes swept), and memory over many calls. It starts its own embedded BigQuery.
+`--only rows,sinks` runs some sections (import, otel, hot, sustained, pauses, short, dispatch,
+floor, rows, sinks, memory; `sustained`: blocks of quick calls for `--sustained-s` seconds,
+the writer thread against the writer process, which the default moves to when busy;
+`short`: what the writer process costs a script of 10 calls, start to exit, against the
+writer thread; `otel`: the cost of reading the current OpenTelemetry span at a run's start;
+`pauses`: the longest stall the writer causes, a tight loop of quick calls with each of those
+handlers against a no-op, p50/p99/max per call; then the same loop while the writer
 builds the rows of one call holding `--pause-mb` MB of text to redact, and with
 `--against TREE` that variant also with another checkout's package, e.g. a git worktree of
 main, in child processes alternately);
@@ -245,13 +246,31 @@ def writer_process_handler(bq: LocalBigQuery, table: str) -> BigQueryAuditHandle
     return handler
 
 
-def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
-    """The audit handler (writer thread, writer process) against a no-op, round by round."""
-    handlers: dict[str, Any] = {
-        "no-op": Noop(),
-        "writer thread": BigQueryAuditHandler(client=client, table="bench_hot_path"),
-        "writer process": writer_process_handler(bq, "bench_hot_path_process"),
-    }
+def audit_handlers(bq: LocalBigQuery, table: str) -> dict[str, BigQueryAuditHandler]:
+    """The audit handler two ways, each with a table (and so a writer) of its own: the
+    default (`writer_process` auto: in a script, the writer thread until it is busy, then a
+    writer process where the process may use 2 CPUs; this benchmark pins itself to one, so
+    the thread throughout, as in a notebook or with a client object), and
+    `writer_process=True` (its child pinned beside the emulator: a spare CPU)."""
+    return {
+        "default (auto)": BigQueryAuditHandler(table=f"{table}_auto", emulator_host=bq.endpoint,
+                                               project=bq.project),
+        "writer process": writer_process_handler(bq, f"{table}_process"),
+    }  # fmt: skip
+
+
+def moved(handler: BigQueryAuditHandler) -> bool:
+    """Whether a writer on auto has handed over to a writer process."""
+    return handler.stats()["writer_process"] is not None
+
+
+def hot_path(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
+    """`audit_handlers` against a no-op, round by round, the order of the variants rotated
+    every round."""
+    audits = audit_handlers(bq, "bench_hot_path")
+    handlers: dict[str, Any] = {"no-op": Noop(), **audits}
+    default = audits["default (auto)"]
+    moved_at: str | None = None
     cases = [(label, chain, inputs, per_round) for label, (chain, inputs) in chains().items()]
     cases += [(f"{label}, model waits 5 ms", chain, inputs, per_round // 4)
               for label, (chain, inputs) in chains(0.005).items()]  # fmt: skip
@@ -262,28 +281,37 @@ def hot_path(client: Any, bq: LocalBigQuery, rounds: int, per_round: int) -> lis
 
             for handler in handlers.values():  # warm up each
                 timed_calls(chain, inputs, handler, count // 4, mode)
-            for _ in range(rounds):  # interleave so drift hits each alike
-                for name, handler in handlers.items():
-                    times[name] += timed_calls(chain, inputs, handler, count, mode)
+            for handler in audits.values():  # the warm-up settled before the first round
+                settle(handler)
+            names = list(handlers)
+            for round_ in range(rounds):  # interleaved and rotated so drift hits each alike
+                turn = round_ % len(names)
+                for name in names[turn:] + names[:turn]:
+                    times[name] += timed_calls(chain, inputs, handlers[name], count, mode)
                     if name != "no-op":
-                        # untimed: rows still being built would otherwise slow the next round
-                        settle(handler)
+                        # untimed (the pauses section times it): rows still being built
+                        # would otherwise slow the next variant's block
+                        settle(handlers[name])
             n = times["no-op"]
             out.append((f"{mode} {label}", f"no-op p50 {pct(n, .5) * 1e6:.0f} us "
                                            f"p99 {pct(n, .99) * 1e6:.0f} us"))  # fmt: skip
-            for name in list(handlers)[1:]:
+            for name in audits:
                 out.append((f"  audit, {name}", ratios(times[name], n)))
-    for handler in list(handlers.values())[1:]:
+            if moved_at is None and moved(default):
+                moved_at = f"{mode} {label}"
+    out.append(
+        ("  default (auto) became a writer process", f"during {moved_at}" if moved_at else "never")
+    )
+    for handler in audits.values():
         settle(handler)
         handler.close()
     return out
 
 
-def pauses(client: Any, bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
+def pauses(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
     """The stalls the writer causes in the application: a tight loop of `calls` quick calls
-    (`prompt | fake chat model | parser`, four rows each) with the default handler (writer
-    thread) and with the writer process, against a no-op, blocks in turn, the order rotated
-    every round.
+    (`prompt | fake chat model | parser`, four rows each) with each of `audit_handlers`
+    against a no-op, blocks in turn, the order rotated every round.
 
     The writer builds rows (or, with the writer process, pickles runs) while the loop runs,
     under the loop's interpreter lock: its longest step shows as the loop's p99 and max. The
@@ -291,10 +319,8 @@ def pauses(client: Any, bq: LocalBigQuery, rounds: int, calls: int) -> list[tupl
     to drain, not hidden.
     """
     audits: dict[str, Any] = {
-        "audit, default (writer thread)": BigQueryAuditHandler(client=client,
-                                                               table="bench_pauses"),
-        "audit, writer process": writer_process_handler(bq, "bench_pauses_process"),
-    }  # fmt: skip
+        f"audit, {name}": handler for name, handler in audit_handlers(bq, "bench_pauses").items()
+    }
     handlers: dict[str, Any] = {"no-op": Noop(), **audits}
     chain, inputs = chains()["small"]
     out = []
@@ -331,8 +357,58 @@ def pauses(client: Any, bq: LocalBigQuery, rounds: int, calls: int) -> list[tupl
                         f"max {max(a) / max(n):.2f}x mean {mean:.2f}x"))  # fmt: skip
             out.append(("    backlog at block end", ", ".join(
                 f"{q} runs ({s:.2f} s to drain)" for q, s in backlog[name])))  # fmt: skip
+    default = audits["audit, default (auto)"]
+    out.append(("  default (auto)", "a writer process by the end" if moved(default)
+                else "the writer thread throughout"))  # fmt: skip
     for audit in audits.values():
         audit.close()
+    return out
+
+
+def sustained(bq: LocalBigQuery, rounds: int, seconds: float) -> list[tuple[str, str]]:
+    """A batch job: quick calls (`invoke`, small prompt) without a pause for `seconds` per
+    block, with a no-op and `audit_handlers`, blocks in turn, the order rotated every round.
+    With a second CPU the default is the writer thread for about 5 s, then a writer process
+    (`Writer._hand_over`); pinned to one here, it shows the thread. Ratios of the whole
+    block and of its last half; the backlog each block leaves, drained timed.
+    """
+    audits = audit_handlers(bq, "bench_sustained")
+    handlers: dict[str, Any] = {"no-op": Noop(), **audits}
+    chain, inputs = chains()["small"]
+    times: dict[str, list[list[float]]] = {name: [] for name in handlers}
+    backlog: dict[str, list[str]] = {name: [] for name in audits}
+    names = list(handlers)
+    for handler in handlers.values():  # warm up, settled before the first round
+        timed_calls(chain, inputs, handler, 100, "invoke")
+    for handler in audits.values():
+        settle(handler)
+    for round_ in range(rounds):
+        turn = round_ % len(names)
+        for name in names[turn:] + names[:turn]:
+            cfg: RunnableConfig = {"callbacks": [handlers[name]]}
+            block: list[float] = []
+            end = time.perf_counter() + seconds
+            while (start := time.perf_counter()) < end:
+                chain.invoke(inputs, config=cfg)
+                block.append(time.perf_counter() - start)
+            times[name].append(block)
+            if name in audits:
+                queued = audits[name].stats()["queued"]
+                start = time.perf_counter()
+                settle(audits[name])
+                backlog[name].append(f"{queued} runs ({time.perf_counter() - start:.2f} s)")
+    out = [(f"sustained invoke small, {rounds} x {seconds:.0f} s blocks",
+            "calls per block: " + ", ".join(f"{name} {statistics.mean(map(len, b)):,.0f}"
+                                             for name, b in times.items()))]  # fmt: skip
+    for i in range(rounds):
+        n = times["no-op"][i]
+        for name in audits:
+            a = times[name][i]
+            half = ratios(a[len(a) // 2 :], n[len(n) // 2 :])
+            out.append((f"  round {i + 1}, {name}", f"whole block: {ratios(a, n)}"))
+            out.append(("    its last half", f"{half}; backlog {backlog[name][i]}"))
+    for handler in audits.values():
+        handler.close()
     return out
 
 
@@ -738,13 +814,16 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=400)
     parser.add_argument("--pause-calls", type=int, default=2000,
                         help="calls per block in the pauses section")  # fmt: skip
+    parser.add_argument("--sustained-s", type=float, default=20.0,
+                        help="seconds per block in the sustained section")  # fmt: skip
     parser.add_argument("--pause-mb", type=float, default=1.0,
                         help="MB of text in the large call of the pauses section")  # fmt: skip
     parser.add_argument("--against", default=None, metavar="TREE",
                         help="pauses: also run the large-call variant with the package of "
                         "this checkout (e.g. a git worktree of main), alternately")  # fmt: skip
     parser.add_argument("--only",
-                        default="import,otel,hot,pauses,short,dispatch,floor,rows,sinks,memory",
+                        default="import,otel,hot,sustained,pauses,short,dispatch,floor,rows,sinks,"
+                        "memory",
                         help="sections")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -759,9 +838,11 @@ def main() -> None:
         assert bq.pid is not None
         results.append(("CPUs", pin_apart(bq.pid)))
         if "hot" in only:
-            results += hot_path(client, bq, args.rounds, args.per_round)
+            results += hot_path(bq, args.rounds, args.per_round)
+        if "sustained" in only:
+            results += sustained(bq, 2, args.sustained_s)
         if "pauses" in only:
-            results += pauses(client, bq, args.rounds, args.pause_calls)
+            results += pauses(bq, args.rounds, args.pause_calls)
             results += large_pauses_report(bq, args.rounds, args.pause_mb, args.against)
         if "short" in only:
             results += short_script(bq, args.rounds, 10)
