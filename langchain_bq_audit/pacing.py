@@ -12,6 +12,9 @@ No pause while a caller waits in `flush()` or the writer is closing (the applica
 not running then), nor while the backlog is long: an application that never leaves the
 lock free would otherwise keep the builder from ever catching up, and the queue would reach
 `max_queue_rows` and drop runs. Then it takes the lock as CPython gives it, as before.
+
+However short the slices, the builder's CPU is the application's: a writer on auto that
+keeps busy (`BusyWatch`) hands over to a writer process (`Writer._hand_over`).
 """
 
 from __future__ import annotations

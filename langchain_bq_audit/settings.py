@@ -146,8 +146,9 @@ class AuditSettings:
     writer_process: bool | None = None
     """Build and send rows in a child process, off the application's GIL (True), in a
     thread of this process (False), or None (`auto`, also from the environment): the
-    process for a long-lived server with a spare CPU, else the thread (see
-    `registry.auto_writer_process`)."""
+    process for a long-lived server with a spare CPU; elsewhere the thread, which moves to
+    a process once it has used 10% of a CPU over 5 s where one may run (see
+    `registry.auto_writer_process`, `Writer._hand_over`)."""
 
     def __post_init__(self) -> None:
         for name, type_name in (
