@@ -69,6 +69,7 @@ _get_rest = operator.attrgetter(*_REST)
 # and a thread that released it waits up to the switch interval (5 ms) to get it back from
 # a busy application.
 FEED_RUNS = 64
+_FULL_STATS_S = 0.5  # a batch's ack carries the child's sizes at most this old
 _QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start...
 _MAX_QUICK_DEATHS = 3  # ...this many times in a row is not started again
 
@@ -515,8 +516,21 @@ def main(argv: list[str]) -> int:
             with contextlib.suppress(OSError, ValueError):
                 _send(out, (kind, seq, value))
 
-        def stats() -> dict[str, Any]:
-            counters = writer.stats()
+        full: dict[str, Any] = {}
+        full_at = -_FULL_STATS_S
+
+        def stats(fresh: bool = True) -> dict[str, Any]:
+            """The writer's stats; with `fresh` False (a batch's ack) the counters are
+            current but the sizes (`queued`, `spool_bytes`: a scan of the queue, the buffer
+            and the spool folder) at most `_FULL_STATS_S` old: a long backlog would make
+            every ack scan it."""
+            nonlocal full, full_at
+            now = time.monotonic()
+            if fresh or now - full_at >= _FULL_STATS_S:
+                full, full_at = writer.stats(), now
+                counters = dict(full)
+            else:
+                counters = {**full, **writer.counters}
             counters["received"] = received
             return counters
 
@@ -535,7 +549,7 @@ def main(argv: list[str]) -> int:
                     writer.submit(item)
                 received += len(items)
                 writer._wake.set()  # a batch already: build it now
-                answer("ack", seq, stats())
+                answer("ack", seq, stats(fresh=False))
             elif kind == "flush":
                 ok = writer.flush(arg)
                 answer("done", seq, (ok, stats()))
