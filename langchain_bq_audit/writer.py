@@ -185,6 +185,7 @@ class Writer:
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last_error: str | None = None
         self._warned: dict[str, float] = {}
+        self._retired: list[ThreadChannel] = []  # `_hand_over`'s: a child drops the parent's
 
     @property
     def spool(self) -> Spool | None:
@@ -236,6 +237,8 @@ class Writer:
         ok = True
         if self._builder is not None or self._records:
             ok = self._request("flush", timeout)[0]
+        if self._retired:  # rows a writer thread sent before a hand-over
+            ok = self._settle_retired(deadline, closing=False) and ok
         # the views a first write started (rows never wait for them): there when this returns
         # in time; they do not change the answer, which is about rows
         self._channel.wait_views(deadline)
@@ -260,6 +263,8 @@ class Writer:
         if builder is not None and builder is not threading.current_thread():
             cap, left = self._channel.join_cap, time_left(deadline)
             builder.join(cap if left is None else min(cap, left))
+        if self._retired:
+            ok = self._settle_retired(deadline, closing=True) and ok
         return self._channel.close(deadline, idle=False) and ok
 
     def spool_memory(self, runs: Iterable[Run] = (), sent: int = 0) -> int:
@@ -286,6 +291,8 @@ class Writer:
         out["accepted"] = self.counters["accepted"]  # the runs handed to this writer
         out["queued"] = sum(1 for i in list(self._records) if not isinstance(i, Marker))
         out["queued"] += int(held.pop("queued", 0))
+        for old in list(self._retired):  # its batch in flight (with no spool, its rows)
+            out["queued"] += int(old.stats(None)["queued"])
         out.update(held)
         out["last_error"] = held.get("last_error") or self.last_error
         return out
@@ -395,10 +402,11 @@ class Writer:
 
     def _hand_over(self) -> None:
         """Move from the writer thread to a writer process, on the builder thread, between
-        two runs: the rows built so far are written by this process's sender (within
-        `batch_deadline_s`, else spooled, and the child replays the spool); the runs queued
-        and to come cross to the child. Once: a writer that cannot start a child writes in
-        this process as before (`ProcessChannel`)."""
+        two runs, without waiting on BigQuery: the rows built and not yet sent are spooled
+        at once (with no spool, this process's sender goes on sending them), the batch in
+        flight is finished by this process's sender, and the runs queued and to come cross
+        to the child, which replays the spool. Once: a writer that cannot start a child
+        writes in this process as before (`ProcessChannel`)."""
         from .registry import process_problem
 
         busy, self._busy = self._busy, None
@@ -416,20 +424,9 @@ class Writer:
         except Exception as exc:  # its spool or in-process writer could not be made
             logger.debug("langchain-bq-audit: no hand-over to a writer process: %r", exc)
             return
-        # Runs queue meanwhile (the queue holds 100,000): as long as the exit drain, then
-        # what is left is spooled and the writer process replays it; with no spool to
-        # take it, as long as a batch may take.
-        settings = self.settings
         start = time.monotonic()
-        budget = settings.batch_deadline_s
-        if old.spool is not None:
-            budget = min(budget, settings.shutdown_timeout_s)
-        settled = Marker("flush", budget, 0)
-        old.mark(settled)
-        spooled = 0
-        if not settled.done.wait(budget):
-            spooled = old.give_up([])
-        old.retire(time.monotonic() + 1.0)
+        spooled = old.retire()
+        self._retired.append(old)  # flush waits for its sender; close closes it
         new.open()
         self._channel = new
         logger.info(
@@ -438,6 +435,21 @@ class Writer:
             self.destination, busy.last_share * 100, busy.window_s, time.monotonic() - start,
             f", {spooled} rows spooled for it to replay" if spooled else "",
         )  # fmt: skip
+
+    def _settle_retired(self, deadline: float | None, closing: bool) -> bool:
+        """Wait, until `deadline`, for the senders of channels retired by `_hand_over`
+        (their last batch, or with no spool their rows); `closing`: then close them,
+        spooling what is still in memory. True when none is left sending."""
+        done = True
+        for old in list(self._retired):
+            sent = old.wait_sent(deadline)
+            done = sent and done
+            if closing:
+                if not sent:  # out of time (BigQuery hangs): as at any close's deadline
+                    old.give_up([])
+                old.close(deadline, idle=False)
+                self._retired.remove(old)
+        return done
 
     def _popped(self, found: list[Marker]) -> Iterator[Run]:
         """Runs popped off the queue's head as they are asked for, up to a request (which
@@ -700,14 +712,40 @@ class ThreadChannel:
                 self._spool.seal()
         return True
 
-    def retire(self, deadline: float | None) -> None:
-        """Stop for good while the writer goes on with another channel (`_hand_over`): the
-        sender ends once its rows are settled; the chain's digest is signed; the spool is
-        sealed (the next channel's writer replays it)."""
+    def retire(self) -> int:
+        """Stop taking rows while the writer goes on with another channel (`_hand_over`).
+        The rows not yet sent go to the spool now (sealed: the next writer replays it), and
+        the sender ends after its batch in flight; with no spool it sends them first. The
+        rows spooled."""
+        rows: list[dict[str, Any]] = []
+        markers: list[Marker] = []
         with self._cond:
             self._generation += 1  # the sender of the current generation returns
+            if self._spool is not None:
+                for item, _ in self._rows:
+                    if isinstance(item, Marker):
+                        markers.append(item)
+                    else:
+                        rows.append(item)
+                self._rows.clear()
+                self._rows_bytes = self._rows_markers = 0
+                self._rows_since = None
             self._cond.notify_all()
-        self.close(deadline, idle=False)
+        taken, _ = self._to_spool(rows)
+        if self._spool is not None:
+            with contextlib.suppress(OSError):
+                self._spool.seal()
+        for marker in markers:  # the rows before it are settled: spooled
+            marker.answer(True)
+        return taken
+
+    def wait_sent(self, deadline: float | None) -> bool:
+        """After `retire`: wait, until `deadline`, for the sender to end. True if it did."""
+        sender = self._sender
+        if sender is not None and sender is not threading.current_thread():
+            sender.join(time_left(deadline))
+            return not sender.is_alive()
+        return True
 
     def stats(self, answer: dict[str, Any] | None) -> dict[str, Any]:
         with self._cond:

@@ -325,12 +325,21 @@ handler = BigQueryAuditHandler(**json.loads(sys.argv[1]))  # writer_process left
 chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
          | FakeListChatModel(responses=["ok"]) | StrOutputParser())
 config = {"callbacks": [handler]}
-calls, child, deadline = 0, None, time.monotonic() + 240
+chain.invoke({"q": "question 0"}, config=config)
+handler.flush(120)  # the table is made
+print(json.dumps({"started": True}), flush=True)
+if sys.argv[2] == "hold":  # until the test has BigQuery hang
+    sys.stdin.readline()
+calls, child, deadline = 1, None, time.monotonic() + 240
 while child is None and time.monotonic() < deadline:  # a batch job: quick calls, no waits
     for _ in range(200):
         chain.invoke({"q": f"question {calls}"}, config=config)
         calls += 1
     child = handler.stats()["writer_process"]
+if sys.argv[2] == "hold":  # moved: the test lets BigQuery answer again
+    stats = handler.stats()
+    print(json.dumps({"moved": True, "dropped": stats["dropped"]}), flush=True)
+    sys.stdin.readline()
 for _ in range(200):  # and on, through the writer process
     chain.invoke({"q": f"question {calls}"}, config=config)
     calls += 1
@@ -346,14 +355,14 @@ def test_a_busy_writer_thread_hands_over_to_a_writer_process_and_no_row_is_lost(
     """`writer_process` auto in a script (no server imported): the writer starts as a thread;
     once the thread has used 10% of a CPU over 5 s (a tight loop of quick calls uses about
     30%), it hands over to a writer process. Every run is one row, before and after (the
-    rows the thread had not sent in time are spooled and replayed by the writer process),
-    and each writer's rows form a chain of their own."""
+    rows the thread had not sent are spooled at the move and replayed by the writer
+    process), and each writer's rows form a chain of their own."""
     import json
 
     options = {"table": table_name, "project": emulator.project,
                "emulator_host": emulator.endpoint, "shutdown_timeout_s": 120}  # fmt: skip
     child = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(BUSY_SCRIPT), json.dumps(options)],
+        [sys.executable, "-c", textwrap.dedent(BUSY_SCRIPT), json.dumps(options), "run"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert child.returncode == 0, child.stderr
@@ -372,3 +381,48 @@ def test_a_busy_writer_thread_hands_over_to_a_writer_process_and_no_row_is_lost(
     report = verify(rows)
     assert report.ok, report.findings
     assert len(report.rows) == 2  # the thread's chain, then the writer process's
+
+
+def test_the_move_to_a_writer_process_never_waits_on_a_hung_bigquery(
+    emulator, bq_client, proxy, table_name
+) -> None:
+    """BigQuery hangs while the busy writer thread moves (found by a breaker: the move
+    waited for the thread's unsent rows up to `shutdown_timeout_s`, the run queue filled
+    meanwhile and half the runs were dropped). The move spools them at once: nothing is
+    dropped, and once BigQuery answers again every run is in the table."""
+    import json
+
+    options = {"table": table_name, "project": emulator.project,
+               "emulator_host": proxy.host_port, "shutdown_timeout_s": 120}  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(BUSY_SCRIPT), json.dumps(options), "hold"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert json.loads(child.stdout.readline()) == {"started": True}
+        proxy.set_mode("stall")
+        child.stdin.write("hang\n")
+        child.stdin.flush()
+        moved = json.loads(child.stdout.readline())
+        assert moved == {"moved": True, "dropped": 0}
+        proxy.set_mode("pass")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=600)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    said = json.loads(out.splitlines()[-1])
+    assert "moved to a writer process" in err and "dropped" not in err, err
+    # what the writer process could not replay before the script ended: the next process
+    replay = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "replay", "--table", table_name,
+         "--endpoint", emulator.host_port, "--project", emulator.project,
+         "--spool-dir", os.environ["BQ_AUDIT_SPOOL_DIR"]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    rows = query(bq_client, f"SELECT event_id, input_text, run_type FROM "
+                            f"`{bq_client.project}.{DATASET}.{table_name}`")  # fmt: skip
+    assert len({r["event_id"] for r in rows}) == said["accepted"] == 4 * said["calls"]
