@@ -354,8 +354,10 @@ def test_kill_9_while_spooling_leaves_a_readable_spool(
         if i % 500 == 0:
             print("spooled", handler.stats()["spooled"], flush=True)
     """
+    # the writer thread, for good: this loop is busy enough that a writer on auto would
+    # move to a writer process, which outlives the kill and goes on spooling
     options = {"table": table_name, "batch_age_s": 0.01, "request_timeout_s": 0.5,
-               "batch_deadline_s": 0.5}  # fmt: skip
+               "batch_deadline_s": 0.5, "writer_process": False}  # fmt: skip
     child = spawn(code, options, 0, "", child_env(dead_port.host_port, spool_dir))
     assert child.stdout is not None
     spooled_seen = 0
