@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -264,6 +266,37 @@ def moved(handler: BigQueryAuditHandler) -> bool:
     return handler.stats()["writer_process"] is not None
 
 
+def rotated_blocks(
+    handlers: dict[str, Any],
+    audits: dict[str, Any],
+    rounds: int,
+    block: Callable[[Any], list[float]],
+    warm: Callable[[Any], object],
+) -> tuple[dict[str, list[list[float]]], dict[str, list[tuple[int, float]]]]:
+    """Each handler warmed up (`warm`) and the audit handlers settled before the first
+    round; then `rounds` rounds of one `block` of calls per handler (its seconds per call),
+    the order rotated every round so drift hits each alike. After each audit block, its
+    backlog: the runs still queued as it ended, and the seconds its drain took (timed, so
+    work left for later is reported, not hidden). (blocks by handler, backlogs by audit)"""
+    for handler in handlers.values():
+        warm(handler)
+    for handler in audits.values():
+        settle(handler)
+    times: dict[str, list[list[float]]] = {name: [] for name in handlers}
+    backlog: dict[str, list[tuple[int, float]]] = {name: [] for name in audits}
+    names = list(handlers)
+    for round_ in range(rounds):
+        turn = round_ % len(names)
+        for name in names[turn:] + names[:turn]:
+            times[name].append(block(handlers[name]))
+            if name in audits:
+                queued = audits[name].stats()["queued"]
+                start = time.perf_counter()
+                settle(audits[name])
+                backlog[name].append((queued, time.perf_counter() - start))
+    return times, backlog
+
+
 def hot_path(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, str]]:
     """`audit_handlers` against a no-op, round by round, the order of the variants rotated
     every round."""
@@ -277,21 +310,14 @@ def hot_path(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, 
     out = []
     for label, chain, inputs, count in cases:
         for mode in ("invoke", "ainvoke"):
-            times: dict[str, list[float]] = {name: [] for name in handlers}
-
-            for handler in handlers.values():  # warm up each
-                timed_calls(chain, inputs, handler, count // 4, mode)
-            for handler in audits.values():  # the warm-up settled before the first round
-                settle(handler)
-            names = list(handlers)
-            for round_ in range(rounds):  # interleaved and rotated so drift hits each alike
-                turn = round_ % len(names)
-                for name in names[turn:] + names[:turn]:
-                    times[name] += timed_calls(chain, inputs, handlers[name], count, mode)
-                    if name != "no-op":
-                        # untimed (the pauses section times it): rows still being built
-                        # would otherwise slow the next variant's block
-                        settle(handlers[name])
+            # each block's drain is outside its calls' times (the pauses section reports
+            # it): rows still being built would otherwise slow the next variant's block
+            blocks, _ = rotated_blocks(
+                handlers, audits, rounds,
+                partial(timed_calls, chain, inputs, count=count, mode=mode),
+                partial(timed_calls, chain, inputs, count=count // 4, mode=mode),
+            )  # fmt: skip
+            times = {name: [t for b in bs for t in b] for name, bs in blocks.items()}
             n = times["no-op"]
             out.append((f"{mode} {label}", f"no-op p50 {pct(n, .5) * 1e6:.0f} us "
                                            f"p99 {pct(n, .99) * 1e6:.0f} us"))  # fmt: skip
@@ -325,22 +351,12 @@ def pauses(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
     chain, inputs = chains()["small"]
     out = []
     for mode in ("invoke", "ainvoke"):
-        times: dict[str, list[float]] = {name: [] for name in handlers}
-        backlog: dict[str, list[tuple[int, float]]] = {name: [] for name in audits}
-        for handler in handlers.values():  # warm up, settled before the first round
-            timed_calls(chain, inputs, handler, calls // 4, mode)
-        for audit in audits.values():
-            settle(audit)
-        names = list(handlers)
-        for round_ in range(rounds):
-            turn = round_ % len(names)
-            for name in names[turn:] + names[:turn]:
-                times[name] += timed_calls(chain, inputs, handlers[name], calls, mode)
-                if name in audits:
-                    queued = audits[name].stats()["queued"]
-                    start = time.perf_counter()
-                    settle(audits[name])
-                    backlog[name].append((queued, time.perf_counter() - start))
+        blocks, backlog = rotated_blocks(
+            handlers, audits, rounds,
+            partial(timed_calls, chain, inputs, count=calls, mode=mode),
+            partial(timed_calls, chain, inputs, count=calls // 4, mode=mode),
+        )  # fmt: skip
+        times = {name: [t for b in bs for t in b] for name, bs in blocks.items()}
         n = times["no-op"]
 
         def line(values: list[float]) -> str:
@@ -375,28 +391,20 @@ def sustained(bq: LocalBigQuery, rounds: int, seconds: float) -> list[tuple[str,
     audits = audit_handlers(bq, "bench_sustained")
     handlers: dict[str, Any] = {"no-op": Noop(), **audits}
     chain, inputs = chains()["small"]
-    times: dict[str, list[list[float]]] = {name: [] for name in handlers}
-    backlog: dict[str, list[str]] = {name: [] for name in audits}
-    names = list(handlers)
-    for handler in handlers.values():  # warm up, settled before the first round
-        timed_calls(chain, inputs, handler, 100, "invoke")
-    for handler in audits.values():
-        settle(handler)
-    for round_ in range(rounds):
-        turn = round_ % len(names)
-        for name in names[turn:] + names[:turn]:
-            cfg: RunnableConfig = {"callbacks": [handlers[name]]}
-            block: list[float] = []
-            end = time.perf_counter() + seconds
-            while (start := time.perf_counter()) < end:
-                chain.invoke(inputs, config=cfg)
-                block.append(time.perf_counter() - start)
-            times[name].append(block)
-            if name in audits:
-                queued = audits[name].stats()["queued"]
-                start = time.perf_counter()
-                settle(audits[name])
-                backlog[name].append(f"{queued} runs ({time.perf_counter() - start:.2f} s)")
+
+    def block(handler: Any) -> list[float]:
+        cfg: RunnableConfig = {"callbacks": [handler]}
+        out: list[float] = []
+        end = time.perf_counter() + seconds
+        while (start := time.perf_counter()) < end:
+            chain.invoke(inputs, config=cfg)
+            out.append(time.perf_counter() - start)
+        return out
+
+    times, backlog = rotated_blocks(
+        handlers, audits, rounds, block, partial(timed_calls, chain, inputs, count=100,
+                                                 mode="invoke"),
+    )  # fmt: skip
     out = [(f"sustained invoke small, {rounds} x {seconds:.0f} s blocks",
             "calls per block: " + ", ".join(f"{name} {statistics.mean(map(len, b)):,.0f}"
                                              for name, b in times.items()))]  # fmt: skip
@@ -406,7 +414,8 @@ def sustained(bq: LocalBigQuery, rounds: int, seconds: float) -> list[tuple[str,
             a = times[name][i]
             half = ratios(a[len(a) // 2 :], n[len(n) // 2 :])
             out.append((f"  round {i + 1}, {name}", f"whole block: {ratios(a, n)}"))
-            out.append(("    its last half", f"{half}; backlog {backlog[name][i]}"))
+            queued, drain = backlog[name][i]
+            out.append(("    its last half", f"{half}; backlog {queued} runs ({drain:.2f} s)"))
     for handler in audits.values():
         handler.close()
     return out
