@@ -641,14 +641,8 @@ class ThreadChannel:
         """Stop retrying, then move every row still in memory (`runs`, buffered, in
         flight) to the spool."""
         self._abort.set()
-        markers: list[Marker] = []
         with self._cond:
-            rows = [item for item, _ in self._rows if not isinstance(item, Marker)]
-            markers = [item for item, _ in self._rows if isinstance(item, Marker)]
-            self._rows.clear()
-            self._rows_bytes = 0
-            self._rows_markers = 0
-            self._rows_since = None
+            rows, markers = self._take_buffer()
             if not self._inflight_taken:  # a second drain (SIGTERM, then exit) spools it once
                 rows.extend(self._inflight)
                 self._inflight_taken = True
@@ -722,14 +716,7 @@ class ThreadChannel:
         with self._cond:
             self._generation += 1  # the sender of the current generation returns
             if self._spool is not None:
-                for item, _ in self._rows:
-                    if isinstance(item, Marker):
-                        markers.append(item)
-                    else:
-                        rows.append(item)
-                self._rows.clear()
-                self._rows_bytes = self._rows_markers = 0
-                self._rows_since = None
+                rows, markers = self._take_buffer()
             self._cond.notify_all()
         taken, _ = self._to_spool(rows)
         if self._spool is not None:
@@ -738,6 +725,17 @@ class ThreadChannel:
         for marker in markers:  # the rows before it are settled: spooled
             marker.answer(True)
         return taken
+
+    def _take_buffer(self) -> tuple[list[dict[str, Any]], list[Marker]]:
+        """Empty the row buffer (with `_cond` held): its rows, and the requests among them
+        (for the caller to answer once the rows are settled)."""
+        rows = [item for item, _ in self._rows if not isinstance(item, Marker)]
+        markers = [item for item, _ in self._rows if isinstance(item, Marker)]
+        self._rows.clear()
+        self._rows_bytes = 0
+        self._rows_markers = 0
+        self._rows_since = None
+        return rows, markers
 
     def wait_sent(self, deadline: float | None) -> bool:
         """After `retire`: wait, until `deadline`, for the sender to end. True if it did."""
