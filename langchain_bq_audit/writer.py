@@ -709,21 +709,38 @@ class ThreadChannel:
     def retire(self) -> int:
         """Stop taking rows while the writer goes on with another channel (`_hand_over`).
         The rows not yet sent go to the spool now (sealed: the next writer replays it), and
-        the sender ends after its batch in flight; with no spool it sends them first. The
-        rows spooled."""
-        rows: list[dict[str, Any]] = []
-        markers: list[Marker] = []
+        the sender ends after its batch in flight; rows the spool cannot take (none, full,
+        a disk error) stay for the sender to send first. The rows spooled."""
+        from .rows import row_size
+        from .spool import SpoolWriteError
+
         with self._cond:
             self._generation += 1  # the sender of the current generation returns
-            if self._spool is not None:
-                rows, markers = self._take_buffer()
+            rows, markers = self._take_buffer() if self._spool is not None else ([], [])
             self._cond.notify_all()
-        taken, _ = self._to_spool(rows)
-        if self._spool is not None:
+        taken = 0
+        if rows and self._spool is not None:
+            try:
+                taken = self._spool.append(rows)
+            except SpoolWriteError as exc:  # the disk filled up part way
+                taken = exc.taken
+            except OSError:  # read-only, gone: BigQuery may still take them
+                pass
             with contextlib.suppress(OSError):
                 self._spool.seal()
-        for marker in markers:  # the rows before it are settled: spooled
-            marker.answer(True)
+        if taken:
+            self._count("spooled", taken)
+        if taken < len(rows):  # back in order, for this sender before it ends
+            with self._cond:
+                rest = [(row, row_size(row)) for row in rows[taken:]]
+                self._rows.extendleft(reversed([*rest, *((m, 0) for m in markers)]))
+                self._rows_bytes += sum(size for _, size in rest)
+                self._rows_markers += len(markers)
+                self._rows_since = time.monotonic()
+                self._cond.notify_all()
+        else:
+            for marker in markers:  # the rows before it are settled: spooled
+                marker.answer(True)
         return taken
 
     def _take_buffer(self) -> tuple[list[dict[str, Any]], list[Marker]]:
@@ -885,7 +902,9 @@ class ThreadChannel:
             try:
                 if batch:
                     self._send_batch(batch)
-                if not self._writer.stopping and self._breaker.probe_due():
+                # a retired sender (`retire`) leaves the spool to the writer after it
+                if (not self._writer.stopping and gen == self._generation
+                        and self._breaker.probe_due()):  # fmt: skip
                     self._replay()
             except Exception as exc:  # never let the thread die
                 self._writer.last_error = f"sender error: {exc!r}"

@@ -339,3 +339,41 @@ def test_runs_pending_at_close_are_written_as_abandoned_unless_filtered_out(tmp_
     assert rows[str(sampled_out.run_id)]["sample_rate"] == 1.0
     stats = writer.stats()
     assert (stats["accepted"], stats["written"]) == (2, 2)
+
+
+@pytest.mark.parametrize("spool", ["healthy", "read-only"])
+def test_a_retired_channel_spools_its_unsent_rows_or_else_sends_them(
+    tmp_path, tmpfs, spool: str
+) -> None:
+    """The hand-over to a writer process retires the thread's channel (`ThreadChannel.retire`):
+    its unsent rows go to the spool for the child to replay; rows the spool cannot take (a
+    breaker remounted it read-only) are sent by the old sender before it ends, never
+    dropped. Its batch in flight is finished either way."""
+    from ..conftest import remount
+
+    root = tmpfs(4 << 20)
+    sink = MemorySink()
+    sink.gate.clear()  # the first batch hangs in flight
+    writer = make(tmp_path, sink, spool_dir=str(root), batch_rows=5)
+    channel = writer._channel
+    for i in range(20):
+        writer.submit(row(i))
+    wait_for(lambda: len(channel._rows) == 15)  # one batch in flight, three buffered
+    if spool == "read-only":
+        remount(root, "ro")
+    spooled = channel.retire()  # type: ignore[attr-defined]
+    sink.gate.set()
+    assert channel.wait_sent(time.monotonic() + 30)  # type: ignore[attr-defined]
+    stats = writer.stats()
+    assert stats["dropped"] == 0 and stats["queued"] == 0, stats
+    if spool == "healthy":
+        assert spooled == stats["spooled"] == 15 and stats["written"] == 5
+        records = [r for seg in writer.spool.segments()  # type: ignore[union-attr]
+                   for r in read_segment(seg).records]  # fmt: skip
+        assert sorted(r["event_id"] for r in records) == sorted(f"e{i}" for i in range(5, 20))
+    else:
+        assert spooled == stats["spooled"] == 0 and stats["written"] == 20
+        assert sorted(sink.rows) == sorted(f"e{i}" for i in range(20))
+    if spool == "read-only":
+        remount(root, "rw")
+    writer.close(5)
