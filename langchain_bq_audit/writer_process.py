@@ -14,7 +14,10 @@ here and sent as the row; objects of classes from `__main__` (which the child ca
 import) are sent as their JSON form; errors as their type's name and message. A child that
 dies is started again: the batches it had not acknowledged are sent again, and the rows it
 held are counted as dropped. The child drains and exits when the application's end of the
-pipe closes, even if the application was killed. If no child can be started, the rows are
+pipe closes, even if the application was killed. A child told to close, or whose pipe was
+closed, is sent nothing more: runs that arrive meanwhile (calls go on during a `close()`)
+wait for its end and go to the next child, so no batch is both spooled by the close and
+written by a child. If no child can be started, the rows are
 written by a writer thread in this process, as without this option.
 """
 
@@ -72,6 +75,7 @@ FEED_RUNS = 64
 _FULL_STATS_S = 0.5  # a batch's ack carries the child's sizes at most this old
 _QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start...
 _MAX_QUICK_DEATHS = 3  # ...this many times in a row is not started again
+_ENDING_GRACE_S = 5.0  # a child told to close ends within its close's time and this
 
 
 # -- the pipe: length-prefixed pickles --------------------------------------------------------
@@ -218,7 +222,12 @@ class ProcessChannel:
 
     def _reset_process_state(self) -> None:
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)  # a child's end was handled
         self._proc: subprocess.Popen[bytes] | None = None
+        # the child told to close and when it must have ended: it reads no more batches
+        self._closing: subprocess.Popen[bytes] | None = None
+        self._closing_until: float | None = None
+        self._close_seq = 0  # the last close message's number
         self._to_child: BinaryIO | None = None
         self._from_child: BinaryIO | None = None
         self._started_at = 0.0
@@ -239,7 +248,7 @@ class ProcessChannel:
         batch = list(itertools.islice(runs, self.settings.batch_rows))
         if not batch:
             return
-        if not self._child_ready():
+        if not self._closing_child_ended() or not self._child_ready():
             self._local_used = True
             for run in batch:
                 self._local.submit(run)
@@ -267,18 +276,23 @@ class ProcessChannel:
             self._child_ready()  # which replays the spool
             marker.answer(True)
             return
-        if self._proc is None:  # no child: nothing is waiting in one
+        self._closing_child_ended()  # a child told to close answers nothing more
+        proc = None if self._proc is self._closing else self._proc  # (one that did not end)
+        left = marker.left()
+        if marker.kind == "close":  # the batches after it are for the next child
+            self._close_seq = self._seq + (proc is not None)
+            self._closing_child(proc, left)
+        if proc is None:  # none to ask
             ok = True
             if self._local_used and marker.kind == "flush":  # rows went to the local writer
-                ok = self._local.flush(marker.left())
+                ok = self._local.flush(left)
             marker.answer(ok)
             return
         self._seq += 1
         self._waiting[self._seq] = marker
-        # what is left for the child, less a margin for its answer to get back in time
-        left = marker.left()
         # "exit": the close of the application's exit or SIGTERM drain, said as such there
         kind = "exit" if marker.kind == "close" and EXITING.is_set() else marker.kind
+        # what is left for the child, less a margin for its answer to get back in time
         if not self._post((kind, self._seq, None if left is None else max(0.0, left - 0.2))):
             self._waiting.pop(self._seq, None)
             marker.done.set()  # answered False
@@ -290,12 +304,20 @@ class ProcessChannel:
     def drained(self) -> None:
         stream, self._to_child = self._to_child, None
         if stream is not None:  # the child drains and exits when its pipe closes
+            settings = self._child_settings  # its drain's time (`main`)
+            self._closing_child(self._proc, max(settings.shutdown_timeout_s,
+                                                settings.batch_deadline_s))  # fmt: skip
             with contextlib.suppress(OSError):
                 stream.close()
 
     def give_up(self, runs: list[Run], sent: int = 0) -> int:
         """Runs the child has not read, and `runs`, go to the spool from here."""
-        unacked = self._take_unacked()
+        return self._spool_unacked(runs)
+
+    def _spool_unacked(self, runs: list[Run], before: int | None = None) -> int:
+        """Spool `runs` and the batches the child has not acknowledged (those sent before
+        message `before`); the number spooled."""
+        unacked = self._take_unacked(before)
         rest = unacked + runs
         if not rest:
             return 0
@@ -306,7 +328,9 @@ class ProcessChannel:
         if idle:
             return True
         ok = True
-        if self.give_up([]):  # sent after the close request: the child did not take them
+        # Batches sent before the close that the child had not acknowledged (its close ran
+        # out of time); not a later child's, started for runs after the close: it writes them.
+        if self._spool_unacked([], before=self._close_seq):
             ok = False
         if self._local_used:
             ok = self._local.close(time_left(deadline)) and ok
@@ -352,10 +376,12 @@ class ProcessChannel:
 
     # -- feeder thread ---------------------------------------------------------------------
 
-    def _take_unacked(self) -> list[Any]:
-        """The batches the child has not read, in order."""
+    def _take_unacked(self, before: int | None = None) -> list[Any]:
+        """The batches the child has not read (sent before message `before`), in order."""
         items: list[Any] = []
         for seq in sorted(self._unacked):
+            if before is not None and seq > before:
+                break
             items.extend(self._unacked.pop(seq, ()))
         return items
 
@@ -378,6 +404,23 @@ class ProcessChannel:
         return item
 
     # -- the child process -----------------------------------------------------------------
+
+    def _closing_child(self, proc: subprocess.Popen[bytes] | None, left: float | None) -> None:
+        """`proc` was told to close (or its pipe was closed) and has `left` seconds for it:
+        it reads no more batches (it would not write them, and the next child would get
+        them again), nor requests."""
+        self._closing = proc
+        self._closing_until = None if left is None else time.monotonic() + left
+
+    def _closing_child_ended(self) -> bool:
+        """Wait for the end of a child told to close, for as long as its close may take;
+        False if it has not ended by then (the feeder writes here instead)."""
+        closing = self._closing
+        if closing is None or self._proc is not closing:
+            return True
+        until = None if self._closing_until is None else self._closing_until + _ENDING_GRACE_S
+        with self._ended:
+            return self._ended.wait_for(lambda: self._proc is not closing, time_left(until))
 
     def _child_ready(self) -> bool:
         """A running child, started if needed; False when none can be had."""
@@ -473,6 +516,7 @@ class ProcessChannel:
                 self._earlier[name] += int(child.get(name, 0))
             # batches it had not read are still here: they go to the next child
             self._writer._requeue(self._take_unacked())
+            self._ended.notify_all()
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
@@ -565,7 +609,8 @@ def main(argv: list[str]) -> int:
         # long as one batch may (the first write may also create the table), then spool.
         settings = writer.settings
         EXITING.set()  # what this drain cannot write is said as at an application's exit
-        writer.close(max(settings.shutdown_timeout_s, settings.batch_deadline_s))
+        ok = writer.close(max(settings.shutdown_timeout_s, settings.batch_deadline_s))
+        answer("done", 0, (ok, stats()))  # to an application still reading: its counters
         return 0
 
 

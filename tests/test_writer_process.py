@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Any
 
@@ -426,3 +427,48 @@ def test_the_move_to_a_writer_process_never_waits_on_a_hung_bigquery(
     rows = query(bq_client, f"SELECT event_id, input_text, run_type FROM "
                             f"`{bq_client.project}.{DATASET}.{table_name}`")  # fmt: skip
     assert len({r["event_id"] for r in rows}) == said["accepted"] == 4 * said["calls"]
+
+
+def test_close_while_calls_keep_arriving_writes_and_counts_each_run_once(
+    emulator, bq_client, table_name
+) -> None:
+    """`close()` from one thread while others go on calling (a server's shutdown hook, a
+    request still in flight). Found by a breaker: the writer process was sent batches after
+    it had been told to close; it never read them, the next writer process did, and the
+    close spooled them as well: 500-1,000 rows counted twice and `verify` reporting gaps.
+    Each run is written once, counted once, and every chain verifies."""
+    handler = process_handler(emulator, table_name, shutdown_timeout_s=60)
+    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
+             | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
+    stop = threading.Event()
+    calls = [0, 0]
+
+    def loop(i: int) -> None:
+        while not stop.is_set():
+            chain.invoke({"q": f"{i}-{calls[i]}"}, config={"callbacks": [handler]})
+            calls[i] += 1
+            time.sleep(0.005)  # a busy server, not a flood: the table stays small
+
+    chain.invoke({"q": "first"}, config={"callbacks": [handler]})
+    assert handler.flush(120)  # the table is made
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            more = handler.stats()["accepted"] + 400
+            wait_for(lambda n=more: handler.stats()["accepted"] > n, 120, "more calls")
+            handler.close(60)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert handler.close(120), handler.stats()
+    stats = handler.stats()
+    assert stats["accepted"] == 4 * (sum(calls) + 1)
+    assert_accounted(stats)
+    assert stats["written"] == stats["accepted"], stats
+    rows = rows_of(bq_client, table_name)
+    assert len(rows) == len({r["event_id"] for r in rows}) == stats["accepted"]
+    report = verify(rows)
+    assert report.ok, report.findings
