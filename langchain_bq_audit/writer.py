@@ -112,6 +112,10 @@ class Channel(Protocol):
     def drained(self) -> None:
         """The builder thread is stopping with nothing queued."""
 
+    def sending(self) -> bool:
+        """Rows the builder handed over are still on their way after it stopped (calls went
+        on during a close): a request must go through `mark` to wait for them."""
+
     def give_up(self, runs: list[Run], sent: int = 0) -> int:
         """Out of time: stop sending; spool `runs` and every row held. Rows spooled.
         `sent`: how many of the first `runs` a writer process was sent and did not
@@ -235,7 +239,7 @@ class Writer:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         ok = True
-        if self._builder is not None or self._records:
+        if self._builder is not None or self._records or self._channel.sending():
             ok = self._request("flush", timeout)[0]
         if self._retired:  # rows a writer thread sent before a hand-over
             ok = self._settle_retired(deadline, closing=False) and ok
@@ -251,7 +255,7 @@ class Writer:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self._abandon_pending()
-        if self._builder is None and not self._records:
+        if self._builder is None and not self._records and not self._channel.sending():
             return self._channel.close(deadline, idle=True)
         ok = self._request("close", timeout)[0]
         if not ok and (deadline is None or time.monotonic() >= deadline - 0.05):
@@ -598,6 +602,7 @@ class ThreadChannel:
         self._inflight: list[dict[str, Any]] = []
         self._inflight_taken = False
         self._sender: threading.Thread | None = None
+        self._sender_ending = False  # the sender found nothing to send and is returning
         self._generation = 0  # threads of an older generation finish their work and exit
         self._abort = threading.Event()
         self._breaker = Breaker()
@@ -617,8 +622,16 @@ class ThreadChannel:
 
     def open(self) -> None:
         self._abort.clear()
-        self._generation += 1
-        sender = threading.Thread(target=self._send_loop, args=(self._generation,),
+        with self._cond:
+            sender = self._sender
+            if sender is not None and sender.is_alive() and not self._sender_ending:
+                # still sending what the last builder left (calls went on during a close):
+                # it sends the new rows too, so a request's answer follows every row before it
+                return
+            self._generation += 1
+            self._sender_ending = False
+            generation = self._generation
+        sender = threading.Thread(target=self._send_loop, args=(generation,),
                                   name=f"bq-audit-send:{self.settings.table}",
                                   daemon=True)  # fmt: skip
         sender.start()
@@ -636,6 +649,11 @@ class ThreadChannel:
     def drained(self) -> None:
         with self._cond:  # the sender may stop now
             self._cond.notify_all()
+
+    def sending(self) -> bool:
+        with self._cond:
+            sender = self._sender
+            return sender is not None and sender.is_alive() and not self._sender_ending
 
     def give_up(self, runs: list[Run], sent: int = 0) -> int:
         """Stop retrying, then move every row still in memory (`runs`, buffered, in
@@ -876,6 +894,7 @@ class ThreadChannel:
                 wait = self._send_wait()
                 if wait > 0:
                     if not self._rows and (gen != self._generation or self._writer.stopped):
+                        self._sender_ending = True  # `open` starts another
                         return
                     self._cond.wait(self._breaker.probe_wait if self._breaker.down else wait)
                 size = 0

@@ -228,6 +228,7 @@ class ProcessChannel:
         self._closing: subprocess.Popen[bytes] | None = None
         self._closing_until: float | None = None
         self._close_seq = 0  # the last close message's number
+        self._drained_ok = True  # the last child told to close wrote all it had (or unsaid)
         self._to_child: BinaryIO | None = None
         self._from_child: BinaryIO | None = None
         self._started_at = 0.0
@@ -276,16 +277,17 @@ class ProcessChannel:
             self._child_ready()  # which replays the spool
             marker.answer(True)
             return
-        self._closing_child_ended()  # a child told to close answers nothing more
-        proc = None if self._proc is self._closing else self._proc  # (one that did not end)
         left = marker.left()
+        # a child told to close answers nothing more: wait for its end, and its drain's word
+        ended = self._closing_child_ended(None if left is None else time.monotonic() + left)
+        proc = None if self._proc is self._closing else self._proc
         if marker.kind == "close":  # the batches after it are for the next child
             self._close_seq = self._seq + (proc is not None)
             self._closing_child(proc, left)
         if proc is None:  # none to ask
-            ok = True
+            ok, self._drained_ok = ended and self._drained_ok, True  # said once
             if self._local_used and marker.kind == "flush":  # rows went to the local writer
-                ok = self._local.flush(left)
+                ok = self._local.flush(left) and ok
             marker.answer(ok)
             return
         self._seq += 1
@@ -300,6 +302,9 @@ class ProcessChannel:
     def wait_views(self, deadline: float | None) -> None:
         """Nothing to wait for here: the child makes the views, and its own `flush` (which
         answers this writer's) waits for them."""
+
+    def sending(self) -> bool:
+        return self._proc is not None  # a child told to close is still draining
 
     def drained(self) -> None:
         stream, self._to_child = self._to_child, None
@@ -411,14 +416,17 @@ class ProcessChannel:
         them again), nor requests."""
         self._closing = proc
         self._closing_until = None if left is None else time.monotonic() + left
+        self._drained_ok = True  # until its last answer or its end says otherwise
 
-    def _closing_child_ended(self) -> bool:
-        """Wait for the end of a child told to close, for as long as its close may take;
-        False if it has not ended by then (the feeder writes here instead)."""
+    def _closing_child_ended(self, deadline: float | None = None) -> bool:
+        """Wait for the end of a child told to close, for as long as its close may take
+        (and until `deadline`); False if it has not ended by then."""
         closing = self._closing
         if closing is None or self._proc is not closing:
             return True
         until = None if self._closing_until is None else self._closing_until + _ENDING_GRACE_S
+        if deadline is not None:
+            until = deadline if until is None else min(until, deadline)
         with self._ended:
             return self._ended.wait_for(lambda: self._proc is not closing, time_left(until))
 
@@ -497,6 +505,8 @@ class ProcessChannel:
                     request = self._waiting.pop(seq, None)
                     ok, stats = answer
                     self._child = stats
+                    if seq == 0:  # after the drain its closed pipe asked for
+                        self._drained_ok = ok
                     if request is not None:
                         request.answer(ok, stats)
         self._child_ended(proc)
@@ -524,6 +534,8 @@ class ProcessChannel:
             request.done.set()  # answered False
         self._waiting.clear()
         if code != 0:  # rows it had read but not settled are gone with it
+            if proc is self._closing:
+                self._drained_ok = False
             held = int(child.get("received", 0)) - _settled(child)
             error = f"writer process ended with code {code}"
             if held > 0:

@@ -429,15 +429,24 @@ def test_the_move_to_a_writer_process_never_waits_on_a_hung_bigquery(
     assert len({r["event_id"] for r in rows}) == said["accepted"] == 4 * said["calls"]
 
 
+@pytest.mark.parametrize("process", [True, False], ids=["writer process", "writer thread"])
 def test_close_while_calls_keep_arriving_writes_and_counts_each_run_once(
-    emulator, bq_client, table_name
+    emulator, bq_client, table_name, process
 ) -> None:
     """`close()` from one thread while others go on calling (a server's shutdown hook, a
-    request still in flight). Found by a breaker: the writer process was sent batches after
-    it had been told to close; it never read them, the next writer process did, and the
-    close spooled them as well: 500-1,000 rows counted twice and `verify` reporting gaps.
-    Each run is written once, counted once, and every chain verifies."""
-    handler = process_handler(emulator, table_name, shutdown_timeout_s=60)
+    request still in flight), for either writer. Found by a breaker: the writer process was
+    sent batches after it had been told to close; it never read them, the next writer
+    process did, and the close spooled them as well: 500-1,000 rows counted twice and
+    `verify` reporting gaps. Then, for both writers: a close after the builder had gone
+    quiet returned at once, while the rows it had handed over were still being sent (by a
+    writer process draining its closed pipe, or by a sender thread beside a new one), so
+    the last `close()` said True with ~300-1,700 rows neither written nor queued. Each run
+    is written once and counted once, the last close waits for all, and every chain
+    verifies."""
+    handler = BigQueryAuditHandler(
+        table=table_name, emulator_host=emulator.endpoint, project=emulator.project,
+        writer_process=process, shutdown_timeout_s=60,
+    )  # fmt: skip
     chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
              | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
     stop = threading.Event()
