@@ -701,8 +701,12 @@ def row_building(n: int) -> list[tuple[str, str]]:
         return f"{seconds / n * 1e6:.1f} us/row"
 
     to_json, to_arrow = as_json - chained, as_arrow - as_json
+    large = captured_records(max(40, n // 25), "20 x 2 KB")
+    stages = ("  built, of which", f"small: {row_stages(records, settings)}; "
+              f"20 x 2 KB: {row_stages(large, settings)}")  # fmt: skip
     return [
         ("rows built (no network)", f"{n / (built - start):,.0f} rows/s ({us(built - start)})"),
+        stages,
         ("hash chain", us(chained - built)),
         ("encode: insertAll JSON / Arrow", f"{us(to_json)} / {us(to_arrow)}"),
         ("built + chained + encoded", f"{n / (chained - start + to_json):,.0f} rows/s as JSON, "
@@ -710,6 +714,29 @@ def row_building(n: int) -> list[tuple[str, str]]:
         ("writer process: runs pickled", f"{us(sum(holds))}; the longest pickle "
          f"({FEED_RUNS} runs, one hold of the lock) {max(holds) * 1e3:.2f} ms"),
     ]  # fmt: skip
+
+
+def row_stages(records: list[Any], settings: AuditSettings) -> str:
+    """Where a row's build time goes: the columns (`rows._build`), redaction (credentials
+    only, in `full` mode; `redact.redact_row`) and fitting to size (`rows.fit_row`), us a
+    row, best of three passes."""
+    from langchain_bq_audit.redact import redact_row
+    from langchain_bq_audit.rows import _build, fit_row
+
+    best = [float("inf")] * 3
+    for _ in range(3):
+        start = time.perf_counter()
+        rows = [_build(r, settings) for r in records]
+        built = time.perf_counter()
+        for row in rows:
+            redact_row(row, settings.capture_mode, settings.redactors, settings.user_id_key)
+        redacted = time.perf_counter()
+        for row in rows:
+            fit_row(row, settings.max_field_chars, settings.max_row_bytes)
+        fitted = time.perf_counter()
+        for i, took in enumerate((built - start, redacted - built, fitted - redacted)):
+            best[i] = min(best[i], took / len(records) * 1e6)
+    return f"columns {best[0]:.1f} us, redaction {best[1]:.1f} us, fitting {best[2]:.1f} us"
 
 
 def sink_throughput(client: Any, bq: LocalBigQuery, n: int) -> list[tuple[str, str]]:
