@@ -433,6 +433,8 @@ class Writer:
         self._retired.append(old)  # flush waits for its sender; close closes it
         new.open()
         self._channel = new
+        # what a later handler of this table is told it asked otherwise than (registry)
+        self.settings = self.settings.replace(writer_process=True)
         logger.info(
             "langchain-bq-audit: the writer of %s moved to a writer process (writer_process "
             "auto): its thread used %.0f%% of a CPU here over %.0f s; the move took %.1f s%s",

@@ -344,6 +344,8 @@ if sys.argv[2] == "hold":  # moved: the test lets BigQuery answer again
 for _ in range(200):  # and on, through the writer process
     chain.invoke({"q": f"question {calls}"}, config=config)
     calls += 1
+# a later handler asking for the thread is told the table's writer is now a process
+BigQueryAuditHandler(**json.loads(sys.argv[1]), writer_process=False)
 stats = handler.stats()
 print(json.dumps({"calls": calls, "child": child, "app": os.getpid(),
                   "accepted": stats["accepted"]}), flush=True)
@@ -371,6 +373,7 @@ def test_a_busy_writer_thread_hands_over_to_a_writer_process_and_no_row_is_lost(
     assert said["child"] not in (None, said["app"]), said  # it did hand over
     assert "moved to a writer process" in child.stderr, child.stderr
     assert "were not written" not in child.stderr and "dropped" not in child.stderr
+    assert "ignored for it: writer_process=False (is True)" in child.stderr, child.stderr
     assert said["accepted"] == 4 * said["calls"]
     rows = query(bq_client, f"SELECT * FROM `{bq_client.project}.{DATASET}.{table_name}`")
     # a batch in flight when the move ran out of time may be there twice (it was spooled
