@@ -14,7 +14,8 @@ the writer thread against the writer process, which the default moves to when bu
 `short`: what the writer process costs a script of 10 calls, start to exit, against the
 writer thread; `otel`: the cost of reading the current OpenTelemetry span at a run's start;
 `pauses`: the longest stall the writer causes, a tight loop of quick calls with each of those
-handlers against a no-op, p50/p99/max per call; then the same loop while the writer
+handlers against a no-op, p50/p99/max per call and the full garbage collections that ran
+(`--gc-freeze`: the loops after `gc.freeze()`); then the same loop while the writer
 builds the rows of one call holding `--pause-mb` MB of text to redact, and with
 `--against TREE` that variant also with another checkout's package, e.g. a git worktree of
 main, in child processes alternately);
@@ -334,7 +335,40 @@ def hot_path(bq: LocalBigQuery, rounds: int, per_round: int) -> list[tuple[str, 
     return out
 
 
-def pauses(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
+class FullCollections:
+    """CPython's full (generation 2) garbage collections while a block of calls runs, by
+    handler: (count, longest in seconds), timed with `gc.callbacks`."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, list[float]] = {}
+        self._name: str | None = None
+        self._started = 0.0
+        self._gen = -1
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started, self._gen = time.perf_counter(), info["generation"]
+        elif self._gen == 2 and self._name is not None:
+            self.by_name[self._name].append(time.perf_counter() - self._started)
+
+    def block(self, name: str, run: Callable[[], list[float]]) -> list[float]:
+        self._name = name
+        self.by_name.setdefault(name, [])
+        gc.callbacks.append(self)
+        try:
+            return run()
+        finally:
+            gc.callbacks.remove(self)
+            self._name = None
+
+    def line(self, name: str) -> str:
+        took = self.by_name.get(name) or []
+        return f"{len(took)}" + (f", longest {max(took) * 1e3:.1f} ms" if took else "")
+
+
+def pauses(
+    bq: LocalBigQuery, rounds: int, calls: int, freeze: bool = False
+) -> list[tuple[str, str]]:
     """The stalls the writer causes in the application: a tight loop of `calls` quick calls
     (`prompt | fake chat model | parser`, four rows each) with each of `audit_handlers`
     against a no-op, blocks in turn, the order rotated every round.
@@ -342,18 +376,30 @@ def pauses(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
     The writer builds rows (or, with the writer process, pickles runs) while the loop runs,
     under the loop's interpreter lock: its longest step shows as the loop's p99 and max. The
     backlog a block leaves (runs still queued as it ends) is reported with the time it took
-    to drain, not hidden.
+    to drain, not hidden, and so are the full garbage collections that ran during the
+    blocks (each walks the whole heap while every thread waits). `freeze`: the loops run
+    after `gc.freeze()`, as an app may call once it has started, so that full collections
+    leave out what was loaded before (undone with `gc.unfreeze()` at the end).
     """
     audits: dict[str, Any] = {
         f"audit, {name}": handler for name, handler in audit_handlers(bq, "bench_pauses").items()
     }
     handlers: dict[str, Any] = {"no-op": Noop(), **audits}
+    names = {id(h): name for name, h in handlers.items()}
     chain, inputs = chains()["small"]
     out = []
+    if freeze:
+        gc.collect()
+        gc.freeze()
     for mode in ("invoke", "ainvoke"):
+        full = FullCollections()
+
+        def block(handler: Any, mode: str = mode, full: FullCollections = full) -> list[float]:
+            run = partial(timed_calls, chain, inputs, handler, calls, mode)
+            return full.block(names[id(handler)], run)
+
         blocks, backlog = rotated_blocks(
-            handlers, audits, rounds,
-            partial(timed_calls, chain, inputs, count=calls, mode=mode),
+            handlers, audits, rounds, block,
             partial(timed_calls, chain, inputs, count=calls // 4, mode=mode),
         )  # fmt: skip
         times = {name: [t for b in bs for t in b] for name, bs in blocks.items()}
@@ -363,7 +409,9 @@ def pauses(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
             return (f"p50 {pct(values, .5) * 1e6:.0f} us p99 {pct(values, .99) * 1e6:.0f} us "
                     f"max {max(values) * 1e3:.1f} ms")  # fmt: skip
 
-        out.append((f"{mode} tight loop, {rounds} x {calls} calls, no-op", line(n)))
+        title = f"{mode} tight loop, {rounds} x {calls} calls" + (", gc.freeze()" if freeze else "")
+        out.append((f"{title}, no-op", line(n)))
+        out.append(("    full garbage collections", full.line("no-op")))
         for name in audits:
             a = times[name]
             mean = statistics.mean(a) / statistics.mean(n)
@@ -373,11 +421,14 @@ def pauses(bq: LocalBigQuery, rounds: int, calls: int) -> list[tuple[str, str]]:
                         f"max {max(a) / max(n):.2f}x mean {mean:.2f}x"))  # fmt: skip
             out.append(("    backlog at block end", ", ".join(
                 f"{q} runs ({s:.2f} s to drain)" for q, s in backlog[name])))  # fmt: skip
+            out.append(("    full garbage collections", full.line(name)))
     default = audits["audit, default (auto)"]
     out.append(("  default (auto)", "a writer process by the end" if moved(default)
                 else "the writer thread throughout"))  # fmt: skip
     for audit in audits.values():
         audit.close()
+    if freeze:
+        gc.unfreeze()
     return out
 
 
@@ -854,6 +905,9 @@ def main() -> None:
                         help="seconds per block in the sustained section")  # fmt: skip
     parser.add_argument("--pause-mb", type=float, default=1.0,
                         help="MB of text in the large call of the pauses section")  # fmt: skip
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="pauses: run the tight loops after gc.freeze(), as an app may "
+                        "once it has started")  # fmt: skip
     parser.add_argument("--against", default=None, metavar="TREE",
                         help="pauses: also run the large-call variant with the package of "
                         "this checkout (e.g. a git worktree of main), alternately")  # fmt: skip
@@ -878,7 +932,7 @@ def main() -> None:
         if "sustained" in only:
             results += sustained(bq, 2, args.sustained_s)
         if "pauses" in only:
-            results += pauses(bq, args.rounds, args.pause_calls)
+            results += pauses(bq, args.rounds, args.pause_calls, args.gc_freeze)
             results += large_pauses_report(bq, args.rounds, args.pause_mb, args.against)
         if "short" in only:
             results += short_script(bq, args.rounds, 10)
