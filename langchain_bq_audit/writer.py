@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -1005,7 +1005,7 @@ class ThreadChannel:
         if self._abort.is_set() or not self._breaker.probe_due():
             written = False
         else:  # while down, a batch due for a probe gets one attempt
-            written = self._deliver(batch, once=self._breaker.down)
+            written = self._deliver(batch, once=self._breaker.down, inflight=True)
         if not written:
             with self._cond:
                 taken = self._inflight_taken  # already spooled by `spool_memory`
@@ -1048,13 +1048,19 @@ class ThreadChannel:
         return self._sink
 
     def _deliver(
-        self, rows: list[dict[str, Any]], *, replay: bool = False, once: bool = False
+        self,
+        rows: list[dict[str, Any]],
+        *,
+        replay: bool = False,
+        once: bool = False,
+        inflight: bool = False,
     ) -> bool:
         """Write rows with bounded retries. True when each was written or dead-lettered.
 
         False means BigQuery could not be reached within the batch deadline (or one attempt,
         with `once`, or shutdown cut it short), or a configuration problem stops every
         attempt: the caller keeps the rows (spools them, or leaves them spooled).
+        `inflight`: `rows` are the batch in flight, which `give_up` may spool meanwhile.
         """
         from .retry import backoff_delays, setup_error
         from .sinks.base import PermanentError, RetryableError, TableMissingError
@@ -1074,6 +1080,8 @@ class ThreadChannel:
                 off = "" if self.settings.auto_create else " and auto_create is off"
                 error = f"table missing{off}: {exc}"
             except PermanentError as exc:
+                if inflight and not self._written_inflight(pending, {}):
+                    return True  # spooled by `give_up`: dead-lettered at its replay
                 self._dead_letter(pending, [str(exc)] * len(pending), replay)
                 self._breaker.succeeded()
                 return True
@@ -1092,6 +1100,8 @@ class ThreadChannel:
                 self._breaker.succeeded()
                 invalid = {i: e for i, e in errors.items() if e}
                 written = len(pending) - len(errors)
+                if inflight and not self._written_inflight(pending, errors):
+                    return True  # `give_up` spooled the batch and counted it: once
                 self._count("replayed" if replay else "written", written)
                 if written:
                     self.last_write_time = time.time()
@@ -1111,6 +1121,18 @@ class ThreadChannel:
                 self._mark_down(error)
                 return False
         return True
+
+    def _written_inflight(self, sent: list[dict[str, Any]], errors: Mapping[int, Any]) -> bool:
+        """After a write of the batch in flight: False when `give_up` (a close out of time)
+        has spooled it meanwhile, counted `spooled`, so its rows are not counted `written`
+        too (the spool's copies, replayed later, share their event ids); else the batch in
+        flight shrinks to the rows not written yet, which are all a later `give_up` spools."""
+        with self._cond:
+            if self._inflight_taken:
+                return False
+            written = {id(row) for i, row in enumerate(sent) if i not in errors}
+            self._inflight = [row for row in self._inflight if id(row) not in written]
+            return True
 
     def _dead_letter(self, rows: list[dict[str, Any]], errors: list[str], replay: bool) -> None:
         """Keep rows BigQuery rejected for good; counted `dead_lettered` (`dropped` if the

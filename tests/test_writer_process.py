@@ -484,3 +484,40 @@ def test_close_while_calls_keep_arriving_writes_and_counts_each_run_once(
     assert len(rows) == len({r["event_id"] for r in rows}) == stats["accepted"]
     report = verify(rows)
     assert report.ok, report.findings
+
+
+def test_a_close_out_of_time_counts_the_batch_in_flight_once(
+    emulator, bq_client, table_name
+) -> None:
+    """Found by a breaker: `close(0.3)` with far more rows queued than that time writes
+    spools what is left, the batch in flight included, while that batch's insert goes on
+    and succeeds. It was counted both `spooled` and `written` (500 rows too many, in 3 of
+    3 runs). Now the close's spooling counts it, once; the spool's copies, replayed later
+    (here by `bq-audit replay`), share their event ids."""
+    handler = BigQueryAuditHandler(
+        table=table_name, emulator_host=emulator.endpoint, project=emulator.project,
+        writer_process=False,
+    )  # fmt: skip
+    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
+             | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
+    config: Any = {"callbacks": [handler]}
+    chain.invoke({"q": "first"}, config=config)
+    assert handler.flush(120)  # the table is made
+    for i in range(1500):
+        chain.invoke({"q": f"question {i}"}, config=config)
+    handler.close(0.3)  # 6,000 rows: more than the emulator writes in 0.3 s
+    assert handler.flush(120)  # after the close's batch in flight has ended
+    stats = handler.stats()
+    assert stats["accepted"] == 4 * 1501
+    assert stats["spooled"] > 0, stats  # the close did run out of time
+    assert_accounted(stats)
+    handler.close(60)
+    replay = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "replay", "--table", table_name,
+         "--endpoint", emulator.host_port, "--project", emulator.project,
+         "--spool-dir", os.environ["BQ_AUDIT_SPOOL_DIR"]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    rows = rows_of(bq_client, table_name)
+    assert len({r["event_id"] for r in rows}) == stats["accepted"]
