@@ -269,7 +269,14 @@ class Writer:
             builder.join(cap if left is None else min(cap, left))
         if self._retired:
             ok = self._settle_retired(deadline, closing=True) and ok
-        return self._channel.close(deadline, idle=False) and ok
+        ok = self._channel.close(deadline, idle=False) and ok
+        with self._lock:  # calls went on through the close: its builder never went quiet
+            going_on = self._builder is not None and not EXITING.is_set()
+            if going_on:
+                self._stopping = False
+        if going_on:  # write their rows, not spool them (a close out of time set abort)
+            self._channel.open()
+        return ok
 
     def spool_memory(self, runs: Iterable[Run] = (), sent: int = 0) -> int:
         """Stop sending and spool `runs` and every run and row still in memory; the number
@@ -384,8 +391,9 @@ class Writer:
             if self._stopping and not self._records:
                 with self._lock:
                     # `submit` appends before it looks at `_builder`, so a row queued now
-                    # is either seen here or finds `_builder` None and starts new threads.
-                    if self._records:
+                    # is either seen here or finds `_builder` None and starts new threads;
+                    # a close that found this builder still going has opened again (close)
+                    if self._records or not self._stopping:
                         continue
                     self._builder = None
                 self._channel.drained()

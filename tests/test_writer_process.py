@@ -521,3 +521,65 @@ def test_a_close_out_of_time_counts_the_batch_in_flight_once(
     assert replay.returncode == 0, replay.stderr
     rows = rows_of(bq_client, table_name)
     assert len({r["event_id"] for r in rows}) == stats["accepted"]
+
+
+def test_calls_going_on_after_a_close_out_of_time_are_written_not_spooled(
+    emulator, bq_client, table_name
+) -> None:
+    """Found by a breaker: with three threads calling without a pause, a `close(0.01)`
+    (out of time: it spools what is queued and stops sending) left the writer thread
+    stopping for good. Its builder never found the queue empty, so it never started
+    again, and every later row went to the spool while BigQuery was healthy (20,842 rows
+    in 5 s, none replayed). Now the close opens the writer again when its builder is still
+    going: rows made after the close are written (and the spool is replayed), and the
+    spool holds only what the close put there."""
+    handler = BigQueryAuditHandler(
+        table=table_name, emulator_host=emulator.endpoint, project=emulator.project,
+        writer_process=False,
+    )  # fmt: skip
+    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
+             | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
+    stop = threading.Event()
+    calls = [0, 0, 0]
+
+    def loop(i: int) -> None:
+        while not stop.is_set():
+            chain.invoke({"q": f"{i}-{calls[i]}"}, config={"callbacks": [handler]})
+            calls[i] += 1
+
+    chain.invoke({"q": "first"}, config={"callbacks": [handler]})
+    assert handler.flush(120)  # the table is made
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: handler.stats()["accepted"] > 2000, 120, "calls")
+        handler.close(0.01)
+        # a batch taken while the close had the writer stop may still go to the spool
+        settled = handler.stats()["accepted"] + 2000
+        wait_for(lambda: handler.stats()["accepted"] > settled, 120, "calls after the close")
+        spooled = handler.stats()["spooled"]
+        more = handler.stats()["accepted"] + 8000
+        wait_for(lambda: handler.stats()["accepted"] > more, 120, "more calls")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    handler.close(120)  # False if a row was spooled since the first close: true to its word
+    stats = handler.stats()
+    assert stats["accepted"] == 4 * (sum(calls) + 1)
+    assert_accounted(stats)
+    # nothing more, BigQuery being healthy, but for rows the builder set aside to spool
+    # while the close had it stop: its last part of a batch (`batch_rows`, 500) at most
+    assert stats["spooled"] - spooled < 500, (spooled, stats)
+    replay = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "replay", "--table", table_name,
+         "--endpoint", emulator.host_port, "--project", emulator.project,
+         "--spool-dir", os.environ["BQ_AUDIT_SPOOL_DIR"]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    rows = rows_of(bq_client, table_name)
+    assert len({r["event_id"] for r in rows}) == stats["accepted"]
+    report = verify(rows)
+    assert report.ok, report.findings
