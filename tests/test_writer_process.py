@@ -46,6 +46,29 @@ def process_handler(emulator: Any, table: str, **options: Any) -> BigQueryAuditH
     )  # fmt: skip
 
 
+def handler_and_chain(
+    emulator: Any, table: str, **options: Any
+) -> tuple[BigQueryAuditHandler, Any]:
+    """A handler of `table` on the emulator, and a quick chain (prompt | fake chat model |
+    parser: four rows a call)."""
+    handler = BigQueryAuditHandler(table=table, emulator_host=emulator.endpoint,
+                                   project=emulator.project, **options)  # fmt: skip
+    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
+             | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
+    return handler, chain
+
+
+def replay_spool(emulator: Any, table: str) -> None:
+    """`bq-audit replay` of the test's spool folder, in a process of its own."""
+    replay = subprocess.run(
+        [sys.executable, "-m", "langchain_bq_audit", "replay", "--table", table,
+         "--endpoint", emulator.host_port, "--project", emulator.project,
+         "--spool-dir", os.environ["BQ_AUDIT_SPOOL_DIR"]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -420,13 +443,7 @@ def test_the_move_to_a_writer_process_never_waits_on_a_hung_bigquery(
     said = json.loads(out.splitlines()[-1])
     assert "moved to a writer process" in err and "dropped" not in err, err
     # what the writer process could not replay before the script ended: the next process
-    replay = subprocess.run(
-        [sys.executable, "-m", "langchain_bq_audit", "replay", "--table", table_name,
-         "--endpoint", emulator.host_port, "--project", emulator.project,
-         "--spool-dir", os.environ["BQ_AUDIT_SPOOL_DIR"]],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert replay.returncode == 0, replay.stderr
+    replay_spool(emulator, table_name)
     rows = query(bq_client, f"SELECT event_id, input_text, run_type FROM "
                             f"`{bq_client.project}.{DATASET}.{table_name}`")  # fmt: skip
     assert len({r["event_id"] for r in rows}) == said["accepted"] == 4 * said["calls"]
@@ -446,12 +463,8 @@ def test_close_while_calls_keep_arriving_writes_and_counts_each_run_once(
     the last `close()` said True with ~300-1,700 rows neither written nor queued. Each run
     is written once and counted once, the last close waits for all, and every chain
     verifies."""
-    handler = BigQueryAuditHandler(
-        table=table_name, emulator_host=emulator.endpoint, project=emulator.project,
-        writer_process=process, shutdown_timeout_s=60,
-    )  # fmt: skip
-    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
-             | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
+    handler, chain = handler_and_chain(emulator, table_name, writer_process=process,
+                                       shutdown_timeout_s=60)  # fmt: skip
     stop = threading.Event()
     calls = [0, 0]
 
@@ -494,12 +507,7 @@ def test_a_close_out_of_time_counts_the_batch_in_flight_once(
     and succeeds. It was counted both `spooled` and `written` (500 rows too many, in 3 of
     3 runs). Now the close's spooling counts it, once; the spool's copies, replayed later
     (here by `bq-audit replay`), share their event ids."""
-    handler = BigQueryAuditHandler(
-        table=table_name, emulator_host=emulator.endpoint, project=emulator.project,
-        writer_process=False,
-    )  # fmt: skip
-    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
-             | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
+    handler, chain = handler_and_chain(emulator, table_name, writer_process=False)
     config: Any = {"callbacks": [handler]}
     chain.invoke({"q": "first"}, config=config)
     assert handler.flush(120)  # the table is made
@@ -512,13 +520,7 @@ def test_a_close_out_of_time_counts_the_batch_in_flight_once(
     assert stats["spooled"] > 0, stats  # the close did run out of time
     assert_accounted(stats)
     handler.close(60)
-    replay = subprocess.run(
-        [sys.executable, "-m", "langchain_bq_audit", "replay", "--table", table_name,
-         "--endpoint", emulator.host_port, "--project", emulator.project,
-         "--spool-dir", os.environ["BQ_AUDIT_SPOOL_DIR"]],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert replay.returncode == 0, replay.stderr
+    replay_spool(emulator, table_name)
     rows = rows_of(bq_client, table_name)
     assert len({r["event_id"] for r in rows}) == stats["accepted"]
 
@@ -533,12 +535,7 @@ def test_calls_going_on_after_a_close_out_of_time_are_written_not_spooled(
     in 5 s, none replayed). Now the close opens the writer again when its builder is still
     going: rows made after the close are written (and the spool is replayed), and the
     spool holds only what the close put there."""
-    handler = BigQueryAuditHandler(
-        table=table_name, emulator_host=emulator.endpoint, project=emulator.project,
-        writer_process=False,
-    )  # fmt: skip
-    chain = (ChatPromptTemplate.from_messages([("human", "{q}")])
-             | FakeListChatModel(responses=["ok"]) | StrOutputParser())  # fmt: skip
+    handler, chain = handler_and_chain(emulator, table_name, writer_process=False)
     stop = threading.Event()
     calls = [0, 0, 0]
 
@@ -572,13 +569,7 @@ def test_calls_going_on_after_a_close_out_of_time_are_written_not_spooled(
     # nothing more, BigQuery being healthy, but for rows the builder set aside to spool
     # while the close had it stop: its last part of a batch (`batch_rows`, 500) at most
     assert stats["spooled"] - spooled < 500, (spooled, stats)
-    replay = subprocess.run(
-        [sys.executable, "-m", "langchain_bq_audit", "replay", "--table", table_name,
-         "--endpoint", emulator.host_port, "--project", emulator.project,
-         "--spool-dir", os.environ["BQ_AUDIT_SPOOL_DIR"]],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert replay.returncode == 0, replay.stderr
+    replay_spool(emulator, table_name)
     rows = rows_of(bq_client, table_name)
     assert len({r["event_id"] for r in rows}) == stats["accepted"]
     report = verify(rows)
