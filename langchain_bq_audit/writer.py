@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -1017,8 +1017,9 @@ class ThreadChannel:
         if not written:
             with self._cond:
                 taken = self._inflight_taken  # already spooled by `spool_memory`
+                rest = self._inflight  # what a partial write left of the batch
             if not taken:
-                self._to_spool(batch)
+                self._to_spool(rest)
 
     def _mark_down(self, error: str, setup: bool = False) -> None:
         self._writer.last_error = error
@@ -1088,7 +1089,7 @@ class ThreadChannel:
                 off = "" if self.settings.auto_create else " and auto_create is off"
                 error = f"table missing{off}: {exc}"
             except PermanentError as exc:
-                if inflight and not self._written_inflight(pending, {}):
+                if inflight and not self._settle_inflight([]):
                     return True  # spooled by `give_up`: dead-lettered at its replay
                 self._dead_letter(pending, [str(exc)] * len(pending), replay)
                 self._breaker.succeeded()
@@ -1108,7 +1109,9 @@ class ThreadChannel:
                 self._breaker.succeeded()
                 invalid = {i: e for i, e in errors.items() if e}
                 written = len(pending) - len(errors)
-                if inflight and not self._written_inflight(pending, errors):
+                # rows 'stopped' only because a neighbour was invalid are sent again
+                left = [pending[i] for i, e in errors.items() if not e]
+                if inflight and not self._settle_inflight(left):
                     return True  # `give_up` spooled the batch and counted it: once
                 self._count("replayed" if replay else "written", written)
                 if written:
@@ -1116,8 +1119,7 @@ class ThreadChannel:
                     self._start_views()
                 if invalid:
                     self._dead_letter([pending[i] for i in invalid], list(invalid.values()), replay)
-                # rows 'stopped' only because a neighbour was invalid are sent again
-                pending = [pending[i] for i, e in errors.items() if not e]
+                pending = left
                 continue
             self._writer.last_error = error
             wait = next(delays)
@@ -1130,16 +1132,16 @@ class ThreadChannel:
                 return False
         return True
 
-    def _written_inflight(self, sent: list[dict[str, Any]], errors: Mapping[int, Any]) -> bool:
+    def _settle_inflight(self, left: list[dict[str, Any]]) -> bool:
         """After a write of the batch in flight: False when `give_up` (a close out of time)
         has spooled it meanwhile, counted `spooled`, so its rows are not counted `written`
-        too (the spool's copies, replayed later, share their event ids); else the batch in
-        flight shrinks to the rows not written yet, which are all a later `give_up` spools."""
+        or dead-lettered too (the spool's copies, replayed later, share their event ids);
+        else the batch in flight becomes `left`, the rows still to send, which are all that
+        a later `give_up`, or this sender when it gives up, spools."""
         with self._cond:
             if self._inflight_taken:
                 return False
-            written = {id(row) for i, row in enumerate(sent) if i not in errors}
-            self._inflight = [row for row in self._inflight if id(row) not in written]
+            self._inflight = left
             return True
 
     def _dead_letter(self, rows: list[dict[str, Any]], errors: list[str], replay: bool) -> None:

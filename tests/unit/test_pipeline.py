@@ -263,6 +263,27 @@ def test_the_breaker_probes_with_backoff_while_down(tmp_path) -> None:
     assert all(0 <= d <= 5.0 for d in firsts) and max(firsts[:1]) <= 0.2
 
 
+def test_a_batch_cut_short_by_an_outage_spools_only_what_it_had_not_settled(tmp_path) -> None:
+    """One row of a batch rejected for good (dead-lettered), then BigQuery goes away before
+    the rest is sent again: the spool takes the rest only, not the dead-lettered row too
+    (which counted it twice: accepted 6, settled 7)."""
+    sink = MemorySink()
+
+    def reject(r: dict[str, Any]) -> str | None:
+        if r["event_id"] != "e3":
+            return None
+        sink.fail_with = RetryableError("503 backendError")  # from the next request on
+        return "invalid: user_id"
+
+    sink.reject = reject
+    writer = make(tmp_path, sink, batch_deadline_s=1.0)
+    for i in range(6):
+        writer.submit(row(i))
+    stats = quiet(writer)
+    assert (stats["dead_lettered"], stats["spooled"], stats["written"]) == (1, 5, 0), stats
+    writer.close(5)
+
+
 def test_close_spools_what_a_hung_bigquery_holds_within_its_timeout(tmp_path) -> None:
     sink = MemorySink()
     sink.gate.clear()  # hangs until released
